@@ -1,0 +1,104 @@
+"""PyTorch and flax-vae checkpoints <-> Flax parameters: one module per family and format."""
+from pathlib import Path
+
+from . import native, taesd
+from .checkpoint import CheckpointError, read_json, read_tensors, write_json, write_safetensors
+from .rules import from_flax
+
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+                "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin")
+TENSOR_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
+
+def load(source=None, *, encoder=None, decoder=None):
+    """Any supported checkpoint -> (config, params as numpy in the stored dtype, variant name)."""
+    if source is not None and (encoder or decoder):
+        raise ValueError("give either a source or encoder=/decoder= files, not both")
+    if source is None:
+        if not (encoder or decoder):
+            raise ValueError("nothing to load: give a source, or encoder= and/or decoder= files")
+        return _load_pair({p: f for p, f in (("encoder", encoder), ("decoder", decoder)) if f})
+    path = Path(source)
+    if path.is_dir():
+        if native.is_native(path):
+            return native.load(path)
+        if (path / "config.json").is_file():
+            return _load_diffusers_folder(path)
+        return _load_pair(_find_pair(path))
+    if path.is_file():
+        tensors = read_tensors(path)
+        if any(k.startswith(("encoder.layers.", "decoder.layers.")) for k in tensors):
+            return _from_taesd_parts(taesd.split_diffusers_keys(tensors, path), path, hint=path.name)
+        part, _ = taesd.detect_part(tensors, str(path))
+        return _from_taesd_parts({part: tensors}, path, hint=path.name)
+    raise CheckpointError(f"{source}: no such file or folder")
+
+
+def _load_pair(files):
+    parts = {part: read_tensors(f) for part, f in files.items()}
+    where = " + ".join(str(f) for f in files.values())
+    return _from_taesd_parts(parts, where, hint=" ".join(Path(f).name for f in files.values()))
+
+
+def _from_taesd_parts(parts, where, hint):
+    try:
+        config, params = taesd.from_madebyollin(parts, str(where))
+    except (ValueError, IndexError, KeyError) as e:
+        raise e if isinstance(e, CheckpointError) else CheckpointError(f"{where}: not a TAESD checkpoint: {e}")
+    return config, params, taesd.variant_name(config, hint)
+
+
+def _find_pair(folder):
+    files = {}
+    for part in taesd.PARTS:
+        found = sorted(p for p in folder.iterdir() if part in p.name and p.suffix in TENSOR_SUFFIXES)
+        if len(found) > 1:
+            raise CheckpointError(f"{folder}: several {part} files, name one with {part}=: "
+                                  + ", ".join(p.name for p in found))
+        if found:
+            files[part] = found[0]
+    if not files:
+        raise CheckpointError(f"{folder}: no config.json and no *encoder*/*decoder* weight files")
+    return files
+
+
+def _load_diffusers_folder(folder):
+    cfg = read_json(folder / "config.json")
+    if cfg.get("_class_name") != "AutoencoderTiny":
+        raise CheckpointError(f"{folder}: unsupported diffusers model {cfg.get('_class_name')!r}")
+    weights = next((folder / f for f in WEIGHT_FILES if (folder / f).is_file()), None)
+    if weights is None:
+        raise CheckpointError(f"{folder}: no weights file (looked for {', '.join(WEIGHT_FILES)})")
+    config = taesd.config_from_diffusers(cfg, str(folder / "config.json"))
+    parts = taesd.split_diffusers_keys(read_tensors(weights), weights)
+    _, params = taesd.from_madebyollin(parts, str(weights), config)
+    return config, params, taesd.variant_name(config, folder.name)
+
+
+def export(config, params, out, to="flax", name="custom"):
+    """Write a model as `flax` (our format), `diffusers` (AutoencoderTiny folder) or `madebyollin`
+    (<name>_encoder.safetensors / <name>_decoder.safetensors in `out`)."""
+    out = Path(out)
+    parts = [p for p in taesd.PARTS if p in params]
+    if to == "flax":
+        native.save(out, config, params, name)
+    elif to == "diffusers":
+        if not taesd.diffusers_can_express(config):
+            raise CheckpointError(taesd.diffusers_limit_message(config))
+        if parts != list(taesd.PARTS):
+            raise CheckpointError("a diffusers AutoencoderTiny needs both encoder and decoder")
+        out.mkdir(parents=True, exist_ok=True)
+        write_safetensors(out / WEIGHT_FILES[0], from_flax(params, taesd.diffusers_rules(config)),
+                          metadata={"format": "pt"})
+        write_json(out / "config.json", taesd.diffusers_config(config))
+    elif to == "madebyollin":
+        out.mkdir(parents=True, exist_ok=True)
+        stem = name.split("/")[0]
+        for part in parts:
+            tensors = from_flax({part: params[part]}, taesd.madebyollin_rules(config, part))
+            write_safetensors(out / f"{stem}_{part}.safetensors", tensors, metadata={"format": "pt"})
+    else:
+        raise ValueError(f"unknown export format {to!r}: use flax, diffusers or madebyollin")
+
+
+__all__ = ["CheckpointError", "load", "export", "read_tensors", "write_safetensors"]

@@ -1,0 +1,107 @@
+"""Reading and writing tensor files: safetensors (preferred) and PyTorch pickles (weights only)."""
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import safetensors
+import safetensors.flax
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model; the message names file and keys."""
+
+
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+
+
+def read_tensors(path) -> dict[str, np.ndarray]:
+    """All tensors of a .safetensors or PyTorch file as numpy arrays in their stored dtype."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    if path.suffix in TORCH_SUFFIXES:
+        return _read_torch(path)
+    raise CheckpointError(f"{path}: unknown checkpoint type {path.suffix!r} (expected .safetensors or "
+                          f"{', '.join(TORCH_SUFFIXES)})")
+
+
+def read_metadata(path) -> dict[str, str]:
+    with safetensors.safe_open(str(path), framework="flax") as f:
+        return f.metadata() or {}
+
+
+def _read_safetensors(path):
+    try:
+        with safetensors.safe_open(str(path), framework="flax") as f:
+            return {k: np.asarray(f.get_tensor(k)) for k in f.keys()}
+    except (safetensors.SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file (corrupt or truncated?): {e}") from None
+
+
+def _read_torch(path):
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError(f"{path}: reading PyTorch files needs torch (pip install 'flax-vae[torch]'), "
+                              "or convert the file to .safetensors first") from None
+    try:
+        # weights_only: the restricted unpickler; arbitrary objects are refused, never executed.
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
+        raise CheckpointError(
+            f"{path}: refused or unreadable PyTorch file ({type(e).__name__}: {str(e).splitlines()[0]}). "
+            "Only plain tensor state dicts are read; other pickled objects are never unpickled. "
+            "If you trust the file, convert it to .safetensors yourself.") from None
+    if isinstance(obj, dict) and set(obj) == {"state_dict"}:
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: expected a state dict of tensors, got {type(obj).__name__}")
+    return {k: _torch_to_numpy(v) for k, v in obj.items()}
+
+
+def _torch_to_numpy(t):
+    import torch
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: reinterpret the bits
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def write_safetensors(path, tensors: dict, metadata: dict[str, str] | None = None):
+    """Atomically write tensors (numpy or jax arrays, any float dtype incl. bfloat16)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {k: jnp.asarray(v) for k, v in tensors.items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        safetensors.flax.save_file(arrays, tmp, metadata=metadata)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_json(path, obj):
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable JSON: {e}") from None
+
+
+__all__ = ["CheckpointError", "read_tensors", "read_metadata", "write_safetensors", "read_json", "write_json",
+           "TORCH_SUFFIXES"]

@@ -1,0 +1,151 @@
+"""TAESD: the tiny autoencoders (madebyollin/taesd) as Flax Linen modules, NHWC.
+
+    encoder: image [0, 1] -> conv -> Block -> 3 x (stride-2 conv, depth x Block) -> conv -> latents
+    decoder: latents -> tanh clamp -> conv -> 3 x (depth x Block, nearest 2x, conv) -> Block -> conv -> image
+
+The 32x layout ("f32", taesana) adds two stride-2 convs to the encoder stem and two more
+upsampling stages to the decoder, whose widths start at 4x and taper to 1x.
+taef2 adds a GroupNorm branch ("pool") to the blocks at the lowest resolution.
+TAESD latents are already diffusion-space latents: scaling_factor 1, shift_factor 0.
+"""
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+FAMILY = "taesd"
+
+
+@dataclasses.dataclass(frozen=True)
+class TAESDConfig:
+    latent_channels: int = 4
+    factor: int = 8  # spatial down/up-sampling: 8 (classic) or 32 (taesana layout)
+    width: int = 64
+    depth: int = 3  # residual blocks per stage
+    midblock_gn: bool = False  # taef2's GroupNorm branch in the lowest-resolution blocks
+    scaling_factor: float = 1.0
+    shift_factor: float = 0.0
+
+    def __post_init__(self):
+        if self.factor not in (8, 32):
+            raise ValueError(f"TAESD factor must be 8 or 32, got {self.factor}")
+        if self.width % 8 or self.width < 8:
+            raise ValueError(f"TAESD width must be a positive multiple of 8, got {self.width}")
+
+    @property
+    def family(self) -> str:
+        return FAMILY
+
+    @property
+    def decoder_widths(self) -> tuple[int, ...]:
+        """Width of each decoder stage, the last being the full-resolution stage."""
+        w = self.width
+        return (w, w, w, w) if self.factor == 8 else (4 * w, 2 * w, w, w, w, w)
+
+
+PRESETS = {
+    "taesd": TAESDConfig(latent_channels=4),  # SD 1.x / 2.x
+    "taesdxl": TAESDConfig(latent_channels=4),
+    "taesd3": TAESDConfig(latent_channels=16),
+    "taef1": TAESDConfig(latent_channels=16),
+    "taef2": TAESDConfig(latent_channels=32, midblock_gn=True),  # FLUX.2
+    "taesana": TAESDConfig(latent_channels=32, factor=32),  # SANA's DC-AE f32c32 latents
+}
+
+
+def conv3(features, stride=1, use_bias=True, name=None, dtype=jnp.float32):
+    # PyTorch padding=1 pads (1, 1) on both sides even with stride 2; Flax 'SAME' would pad (0, 1).
+    return nn.Conv(features, (3, 3), strides=stride, padding=((1, 1), (1, 1)),
+                   use_bias=use_bias, name=name, dtype=dtype)
+
+
+def upsample2x(x):  # nearest neighbour
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+class Block(nn.Module):
+    features: int
+    midblock_gn: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        if self.midblock_gn:
+            # GroupNorm statistics span the whole image: the one non-local operation in TAESD.
+            p = nn.Conv(4 * c, (1, 1), use_bias=False, name="pool_in", dtype=self.dtype)(x)
+            p = nn.GroupNorm(num_groups=4, epsilon=1e-5, use_fast_variance=False, name="pool_norm",
+                             dtype=self.dtype)(p)
+            x = x + nn.Conv(c, (1, 1), use_bias=False, name="pool_out", dtype=self.dtype)(nn.relu(p))
+        h = nn.relu(conv3(self.features, name="conv_0", dtype=self.dtype)(x))
+        h = nn.relu(conv3(self.features, name="conv_1", dtype=self.dtype)(h))
+        h = conv3(self.features, name="conv_2", dtype=self.dtype)(h)
+        if c != self.features:
+            x = nn.Conv(self.features, (1, 1), use_bias=False, name="skip", dtype=self.dtype)(x)
+        return nn.relu(h + x)
+
+
+class Encoder(nn.Module):
+    config: TAESDConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):  # (N, H, W, 3) in [0, 1]
+        c, w, dt = self.config, self.config.width, self.dtype
+        if c.factor == 32:
+            x = nn.relu(conv3(w // 2, stride=2, name="conv_in_0", dtype=dt)(x))  # (N, H/2, W/2, w/2)
+            x = nn.relu(conv3(w, stride=2, name="conv_in_1", dtype=dt)(x))  # (N, H/4, W/4, w)
+        else:
+            x = conv3(w, name="conv_in", dtype=dt)(x)  # (N, H, W, w)
+        x = Block(w, name="block_in", dtype=dt)(x)
+        for s in range(3):
+            x = conv3(w, stride=2, use_bias=False, name=f"down_{s}", dtype=dt)(x)
+            for b in range(c.depth):
+                x = Block(w, midblock_gn=c.midblock_gn and s == 2, name=f"blocks_{s}_{b}", dtype=dt)(x)
+        return conv3(c.latent_channels, name="conv_out", dtype=dt)(x)  # (N, H/f, W/f, latent)
+
+
+class Decoder(nn.Module):
+    config: TAESDConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, z):  # (N, h, w, latent)
+        c, dt = self.config, self.dtype
+        widths = c.decoder_widths
+        x = jnp.tanh(z / 3) * 3
+        x = nn.relu(conv3(widths[0], name="conv_in", dtype=dt)(x))  # (N, h, w, widths[0])
+        for s in range(len(widths) - 1):
+            for b in range(c.depth):
+                x = Block(widths[s], midblock_gn=c.midblock_gn and s == 0, name=f"blocks_{s}_{b}", dtype=dt)(x)
+            x = conv3(widths[s + 1], use_bias=False, name=f"up_{s}", dtype=dt)(upsample2x(x))  # 2x larger
+        x = Block(widths[-1], name="block_out", dtype=dt)(x)
+        return conv3(3, name="conv_out", dtype=dt)(x)  # (N, H, W, 3) in about [0, 1]
+
+
+class TAESD(nn.Module):
+    """diffusers' convention at the boundary: images in [-1, 1]; raw latents (= diffusion latents)."""
+    config: TAESDConfig
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        self.encoder = Encoder(self.config, dtype=self.dtype)
+        self.decoder = Decoder(self.config, dtype=self.dtype)
+
+    def encode(self, images):
+        return self.encoder((images.astype(self.dtype) + 1) / 2)
+
+    def decode(self, latents):
+        return self.decoder(latents.astype(self.dtype)) * 2 - 1
+
+    def __call__(self, images):
+        return self.decode(self.encode(images))
+
+
+def init_params(config: TAESDConfig, rng=None, resolution: int = 64):
+    """Random parameters of the right shapes (for tests, distillation and shape checks)."""
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    x = jnp.zeros((1, resolution, resolution, 3))
+    return TAESD(config).init(rng, x)["params"]
