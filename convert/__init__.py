@@ -1,13 +1,15 @@
 """PyTorch and flax-vae checkpoints <-> Flax parameters: one module per family and format."""
 from pathlib import Path
 
-from . import native, taesd
+from . import dcae, kl, native, taesd
 from .checkpoint import CheckpointError, read_json, read_tensors, write_json, write_safetensors
 from .rules import from_flax
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
                 "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin")
 TENSOR_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+FAMILIES = {"taesd": taesd, "kl": kl, "dcae": dcae}
+DIFFUSERS_CLASSES = {"AutoencoderTiny": taesd, "AutoencoderKL": kl, "AutoencoderKLFlux2": kl, "AutoencoderDC": dcae}
 
 
 def load(source=None, *, encoder=None, decoder=None):
@@ -27,6 +29,10 @@ def load(source=None, *, encoder=None, decoder=None):
         return _load_pair(_find_pair(path))
     if path.is_file():
         tensors = read_tensors(path)
+        if kl.is_ldm(tensors):
+            return kl.from_ldm(tensors, str(path), path.name)
+        if dcae.is_mit(tensors):
+            return dcae.load_mit(tensors, str(path), str(path))
         if any(k.startswith(("encoder.layers.", "decoder.layers.")) for k in tensors):
             return _from_taesd_parts(taesd.split_diffusers_keys(tensors, path), path, hint=path.name)
         part, _ = taesd.detect_part(tensors, str(path))
@@ -64,34 +70,35 @@ def _find_pair(folder):
 
 def _load_diffusers_folder(folder):
     cfg = read_json(folder / "config.json")
-    if cfg.get("_class_name") != "AutoencoderTiny":
-        raise CheckpointError(f"{folder}: unsupported diffusers model {cfg.get('_class_name')!r}")
+    family = DIFFUSERS_CLASSES.get(cfg.get("_class_name"))
+    if family is None:
+        raise CheckpointError(f"{folder}: unsupported diffusers model {cfg.get('_class_name')!r} "
+                              f"(supported: {', '.join(DIFFUSERS_CLASSES)})")
+    return family.load_diffusers(cfg, read_tensors(_diffusers_weights(folder)), str(folder), folder.name)
+
+
+def _diffusers_weights(folder):
     weights = next((folder / f for f in WEIGHT_FILES if (folder / f).is_file()), None)
     if weights is None:
         raise CheckpointError(f"{folder}: no weights file (looked for {', '.join(WEIGHT_FILES)})")
-    config = taesd.config_from_diffusers(cfg, str(folder / "config.json"))
-    parts = taesd.split_diffusers_keys(read_tensors(weights), weights)
-    _, params = taesd.from_madebyollin(parts, str(weights), config)
-    return config, params, taesd.variant_name(config, folder.name)
+    return weights
 
 
 def export(config, params, out, to="flax", name="custom"):
-    """Write a model as `flax` (our format), `diffusers` (AutoencoderTiny folder) or `madebyollin`
-    (<name>_encoder.safetensors / <name>_decoder.safetensors in `out`)."""
+    """Write a model as `flax` (our format), `diffusers` (the family's diffusers folder) or, for TAESD,
+    `madebyollin` (<name>_encoder.safetensors / <name>_decoder.safetensors in `out`)."""
     out = Path(out)
     parts = [p for p in taesd.PARTS if p in params]
     if to == "flax":
         native.save(out, config, params, name)
     elif to == "diffusers":
-        if not taesd.diffusers_can_express(config):
-            raise CheckpointError(taesd.diffusers_limit_message(config))
-        if parts != list(taesd.PARTS):
-            raise CheckpointError("a diffusers AutoencoderTiny needs both encoder and decoder")
+        diffusers_config, tensors = FAMILIES[config.family].diffusers_export(config, params)
         out.mkdir(parents=True, exist_ok=True)
-        write_safetensors(out / WEIGHT_FILES[0], from_flax(params, taesd.diffusers_rules(config)),
-                          metadata={"format": "pt"})
-        write_json(out / "config.json", taesd.diffusers_config(config))
+        write_safetensors(out / WEIGHT_FILES[0], tensors, metadata={"format": "pt"})
+        write_json(out / "config.json", diffusers_config)
     elif to == "madebyollin":
+        if config.family != "taesd":
+            raise CheckpointError(f"madebyollin format holds TAESD models only, not {config.family}")
         out.mkdir(parents=True, exist_ok=True)
         stem = name.split("/")[0]
         for part in parts:

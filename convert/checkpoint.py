@@ -56,10 +56,13 @@ def _read_torch(path):
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
         raise CheckpointError(
             f"{path}: refused or unreadable PyTorch file ({type(e).__name__}: {str(e).splitlines()[0]}). "
-            "Only plain tensor state dicts are read; other pickled objects are never unpickled. "
-            "If you trust the file, convert it to .safetensors yourself.") from None
-    if isinstance(obj, dict) and set(obj) == {"state_dict"}:
-        obj = obj["state_dict"]
+            "Only plain tensor state dicts are read; other pickled objects (e.g. training state in .ckpt files) "
+            "are never unpickled. If you trust the file, convert it to .safetensors once, elsewhere: "
+            "python -c \"import torch, safetensors.torch as st; sd = torch.load('in.ckpt', weights_only=False); "
+            "sd = sd.get('state_dict', sd); st.save_file({k: v.contiguous() for k, v in sd.items() "
+            "if isinstance(v, torch.Tensor)}, 'out.safetensors')\"") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]  # training checkpoints: the tensors, next to plain counters (global_step, ...)
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: expected a state dict of tensors, got {type(obj).__name__}")
     return {k: _torch_to_numpy(v) for k, v in obj.items()}

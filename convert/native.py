@@ -2,13 +2,15 @@
 import dataclasses
 from pathlib import Path
 
+from flax_vae.dcae import DCAEConfig
+from flax_vae.kl import KLConfig
 from flax_vae.taesd import TAESDConfig
 
 from .checkpoint import CheckpointError, read_json, read_tensors, write_json, write_safetensors
 from .rules import flatten, unflatten
 
 FORMAT, VERSION = "flax-vae", 1
-CONFIGS = {"taesd": TAESDConfig}
+CONFIGS = {"taesd": TAESDConfig, "kl": KLConfig, "dcae": DCAEConfig}
 PARAMS_FILE = "params.safetensors"
 
 

@@ -14,6 +14,8 @@ LAYOUTS = {
     "copy": (lambda a: a, lambda a: a),
     "conv": (lambda a: a.transpose(2, 3, 1, 0), lambda a: a.transpose(3, 2, 0, 1)),  # OIHW <-> HWIO
     "linear": (lambda a: a.T, lambda a: a.T),  # (out, in) <-> (in, out)
+    # a 1x1 conv (out, in, 1, 1) <-> Dense (in, out); also reads a Linear (out, in)
+    "conv1x1_dense": (lambda a: a.reshape(a.shape[0], -1).T, lambda a: a.T[:, :, None, None]),
 }
 
 

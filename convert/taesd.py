@@ -11,7 +11,7 @@ import jax
 from flax_vae.taesd import PRESETS, TAESDConfig, init_params
 
 from .checkpoint import CheckpointError
-from .rules import Rule, flatten, to_flax
+from .rules import Rule, flatten, from_flax, to_flax
 
 PARTS = ("encoder", "decoder")
 
@@ -191,6 +191,22 @@ def config_from_diffusers(cfg: dict, where: str) -> TAESDConfig:
     return TAESDConfig(latent_channels=cfg.get("latent_channels", 4), width=widths.pop(), depth=d,
                        scaling_factor=float(cfg.get("scaling_factor", 1.0)),
                        shift_factor=float(cfg.get("shift_factor", 0.0) or 0.0))
+
+
+def load_diffusers(cfg: dict, tensors: dict, where: str, hint: str = ""):
+    """A diffusers AutoencoderTiny (config.json dict + tensors) -> (config, params, variant name)."""
+    config = config_from_diffusers(cfg, where)
+    _, params = from_madebyollin(split_diffusers_keys(tensors, where), where, config)
+    return config, params, variant_name(config, hint)
+
+
+def diffusers_export(config: TAESDConfig, params) -> tuple[dict, dict]:
+    """(config.json dict, state dict) of a diffusers AutoencoderTiny."""
+    if not diffusers_can_express(config):
+        raise CheckpointError(diffusers_limit_message(config))
+    if set(params) != set(PARTS):
+        raise CheckpointError("a diffusers AutoencoderTiny needs both encoder and decoder")
+    return diffusers_config(config), from_flax(params, diffusers_rules(config))
 
 
 def diffusers_can_express(config: TAESDConfig) -> bool:

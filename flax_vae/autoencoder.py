@@ -6,12 +6,21 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from . import tiling
 
 
-def encode_fn(module: nn.Module, params, images):
-    """Pure: (N, H, W, 3) images in [-1, 1] -> raw latents (N, H/f, W/f, C). Safe inside jit/scan/vmap/grad."""
-    return module.apply({"params": params}, images, method=module.encode)
+def encode_fn(module: nn.Module, params, images, key=None):
+    """Pure: (N, H, W, 3) images in [-1, 1] -> raw latents (N, H/f, W/f, C). Safe inside jit/scan/vmap/grad.
+
+    key: a PRNG key to sample the posterior instead of taking its mean (families with a posterior, e.g. KL)."""
+    args = (images,) if key is None else (images, key)
+    return module.apply({"params": params}, *args, method=module.encode)
+
+
+def posterior_fn(module: nn.Module, params, images):
+    """Pure: images -> the posterior's (mean, logvar), each (N, H/f, W/f, C) (families with a posterior)."""
+    return module.apply({"params": params}, images, method=module.posterior)
 
 
 def decode_fn(module: nn.Module, params, latents):
@@ -19,9 +28,21 @@ def decode_fn(module: nn.Module, params, latents):
     return module.apply({"params": params}, latents, method=module.decode)
 
 
+def scale_latents_fn(module: nn.Module, params, z):
+    """Pure: raw latents -> the diffusion model's latent space, by the family's convention."""
+    return module.apply({"params": params}, z, method=module.scale_latents)
+
+
+def unscale_latents_fn(module: nn.Module, params, z):
+    return module.apply({"params": params}, z, method=module.unscale_latents)
+
+
 # One compilation per (module, input shape, input dtype): the module is static and hashable.
 _encode = jax.jit(encode_fn, static_argnums=0)
 _decode = jax.jit(decode_fn, static_argnums=0)
+_posterior = jax.jit(posterior_fn, static_argnums=0)
+_scale = jax.jit(scale_latents_fn, static_argnums=0)
+_unscale = jax.jit(unscale_latents_fn, static_argnums=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,27 +60,61 @@ class Autoencoder:
     def dtype(self):
         return self.module.dtype
 
-    def encode(self, images):
-        """(N, H, W, 3) in [-1, 1], H and W multiples of `factor` -> raw latents (N, H/f, W/f, C)."""
+    def encode(self, images, key=None, tile=None):
+        """(N, H, W, 3) in [-1, 1], H and W multiples of `factor` -> raw latents (N, H/f, W/f, C).
+
+        For families with a posterior (KL): its mean, or a sample when given a PRNG `key`.
+        tile: a `flax_vae.Tiling` (or a tile size in pixels) to encode tile by tile in bounded memory."""
+        if tile is not None:
+            if key is not None:
+                raise ValueError("tiled encoding takes the posterior mean: give key= or tile=, not both")
+            return tiling.tiled_encode(self, self._images(images), _tiling(tile))
+        if key is not None and not hasattr(self.module, "posterior"):
+            raise ValueError(f"{self.config.family} encoders are deterministic: there is no posterior to sample")
+        return self._finite(_encode(self.module, self.params, self._images(images), key=key), "encode")
+
+    def posterior(self, images):
+        """The posterior's (mean, logvar), each (N, H/f, W/f, C) (families with one: KL)."""
+        if not hasattr(self.module, "posterior"):
+            raise ValueError(f"{self.config.family} encoders are deterministic: they have no posterior")
+        return self._finite(_posterior(self.module, self.params, self._images(images)), "encode")
+
+    def decode(self, latents, tile=None):
+        """Raw latents (N, h, w, C) -> images (N, h*f, w*f, 3) in about [-1, 1] (not clamped).
+
+        tile: a `flax_vae.Tiling` (or a tile size in image pixels) to decode tile by tile in bounded memory."""
+        self._require("decoder")
+        latents = _checked(latents, "latents", self.config.latent_channels)
+        if tile is not None:
+            return tiling.tiled_decode(self, latents, _tiling(tile))
+        return self._finite(_decode(self.module, self.params, latents), "decode")
+
+    def scale_latents(self, z):
+        """Raw latents -> the diffusion model's latent space, as the family's pipelines do it
+        (e.g. (z - shift_factor) * scaling_factor; FLUX.2 also patchifies and normalises)."""
+        return _scale(self.module, self.params, z)
+
+    def unscale_latents(self, z):
+        return _unscale(self.module, self.params, z)
+
+    def _images(self, images):
         self._require("encoder")
         images = _checked(images, "images", channels=3)
         n, h, w, _ = images.shape
         if h % self.factor or w % self.factor:
             raise ValueError(f"images: height and width must be multiples of {self.factor}, got {h}x{w}; "
                              f"crop or pad first (e.g. flax_vae.crop_to_multiple)")
-        return _encode(self.module, self.params, images)
+        return images
 
-    def decode(self, latents):
-        """Raw latents (N, h, w, C) -> images (N, h*f, w*f, 3) in about [-1, 1] (not clamped)."""
-        self._require("decoder")
-        return _decode(self.module, self.params, _checked(latents, "latents", self.config.latent_channels))
-
-    def scale_latents(self, z):
-        """Raw latents -> the diffusion model's latent space: (z - shift_factor) * scaling_factor."""
-        return (z - self.config.shift_factor) * self.config.scaling_factor
-
-    def unscale_latents(self, z):
-        return z / self.config.scaling_factor + self.config.shift_factor
+    def _finite(self, out, what):
+        """Never hand back NaN/inf silently: reduced precision overflows (the SDXL VAE in float16 does)."""
+        if all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(out)):
+            return out
+        fix = ("load it with dtype=jnp.bfloat16 or jnp.float32 instead, or use weights fine-tuned for float16 "
+               "(for SDXL: madebyollin/sdxl-vae-fp16-fix)" if jnp.dtype(self.dtype) == jnp.float16 else
+               "the inputs or weights are out of range for this model")
+        raise FloatingPointError(f"{what}: {self!r} produced NaN or infinite values "
+                                 f"({jnp.dtype(self.dtype).name} compute); {fix}")
 
     def _require(self, part):
         if part not in self.params:
@@ -70,9 +125,12 @@ class Autoencoder:
         return f"Autoencoder({self.config.family}:{self.name}, {parts}, dtype={jnp.dtype(self.dtype).name})"
 
 
+def _tiling(tile):
+    return tile if isinstance(tile, tiling.Tiling) else tiling.Tiling(size=int(tile))
+
+
 def _checked(x, what, channels):
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        x = np.asarray(x)
+    x = jnp.asarray(x)  # numpy and jax inputs then share one compiled function
     if x.ndim != 4:
         raise ValueError(f"{what}: expected a batch (N, H, W, {channels}) in NHWC, got shape {tuple(x.shape)}")
     if x.shape[-1] != channels:

@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import convert
 
 from .autoencoder import Autoencoder
+from .dcae import DCAE
+from .kl import AutoencoderKL
 from .taesd import TAESD
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -19,24 +21,31 @@ BUNDLED = {
     "taef2": ("taef2_encoder.safetensors", "taef2_decoder.safetensors"),
     "taesana": ("taesana_encoder.safetensors", None),  # its decoder's weights are not public here
 }
-MODULES = {"taesd": TAESD}
+MODULES = {"taesd": TAESD, "kl": AutoencoderKL, "dcae": DCAE}
 
 
-def load(source=None, *, encoder=None, decoder=None, dtype=jnp.float32) -> Autoencoder:
+def resolve(source=None, *, encoder=None, decoder=None) -> dict:
+    """Arguments for `convert.load`, with bundled names replaced by the bundled files."""
+    if isinstance(source, str) and source in BUNDLED:
+        enc, dec = BUNDLED[source]
+        return dict(encoder=enc and WEIGHTS_DIR / enc, decoder=dec and WEIGHTS_DIR / dec)
+    return dict(source=source, encoder=encoder, decoder=decoder)
+
+
+def load(source=None, *, encoder=None, decoder=None, dtype=jnp.float32,
+         param_dtype=None) -> Autoencoder:
     """Load an autoencoder.
 
     source: a bundled name ("taef2", ...), a flax-vae or diffusers folder, a folder holding
     *_encoder / *_decoder files, or one checkpoint file. Or name the TAESD parts with encoder=/decoder=
-    (either may be left out). Parameters and compute use `dtype`.
+    (either may be left out). Compute uses `dtype`, parameters `param_dtype` (default: `dtype`;
+    e.g. dtype=jnp.bfloat16, param_dtype=jnp.float32 for bfloat16 compute with float32 weights).
     """
-    if isinstance(source, str) and source in BUNDLED:
-        enc, dec = BUNDLED[source]
-        config, params, _ = convert.load(encoder=enc and WEIGHTS_DIR / enc, decoder=dec and WEIGHTS_DIR / dec)
+    config, params, name = convert.load(**resolve(source, encoder=encoder, decoder=decoder))
+    if source in BUNDLED:
         name = source
-    else:
-        config, params, name = convert.load(source, encoder=encoder, decoder=decoder)
     module = MODULES[config.family](config, dtype=dtype)
-    params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
+    params = jax.tree.map(lambda a: jnp.asarray(a, param_dtype or dtype), params)
     return Autoencoder(config=config, module=module, params=params, name=name)
 
 

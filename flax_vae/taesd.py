@@ -140,6 +140,12 @@ class TAESD(nn.Module):
     def decode(self, latents):
         return self.decoder(latents.astype(self.dtype)) * 2 - 1
 
+    def scale_latents(self, z):  # raw latents -> diffusion latents (the identity for the stock presets)
+        return (z - self.config.shift_factor) * self.config.scaling_factor
+
+    def unscale_latents(self, z):
+        return z / self.config.scaling_factor + self.config.shift_factor
+
     def __call__(self, images):
         return self.decode(self.encode(images))
 

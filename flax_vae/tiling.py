@@ -1,0 +1,102 @@
+"""Tiled encode/decode for every family: bounded memory for large images.
+
+The image (or latent) is cut into overlapping tiles of one fixed shape, so one compilation serves the
+whole image and every image size; tiles run `batch` at a time; the outputs are accumulated on the
+host with weights that cross-fade linearly between neighbours over `blend` pixels centred in the overlap.
+
+Weights are zero in the outer (overlap - blend) / 2 pixels of a tile's inner edges, so a purely local
+model (e.g. TAESD's classic layout) gives the untiled result exactly once that margin covers its
+receptive field. Models with global operations (DC-AE's linear attention, GroupNorm statistics, KL's
+mid-block attention) see only their tile: the result differs everywhere, less so with larger tiles.
+"""
+import dataclasses
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+    size: int = 512  # tile side, image pixels
+    overlap: int = 128  # image pixels shared by neighbouring tiles (at least; tiles spread evenly)
+    blend: int | None = None  # cross-fade width in image pixels, centred in the overlap; default overlap // 2
+    batch: int = 4  # tiles per model call
+
+    def checked(self, factor: int) -> "Tiling":
+        blend = self.overlap // 2 if self.blend is None else self.blend
+        if any(v % factor for v in (self.size, self.overlap, blend)) or not 0 < blend <= self.overlap < self.size:
+            raise ValueError(f"tiling: need size > overlap >= blend > 0, all multiples of the model's factor "
+                             f"{factor}; got size={self.size}, overlap={self.overlap}, blend={blend}")
+        if self.batch < 1:
+            raise ValueError(f"tiling: batch must be at least 1, got {self.batch}")
+        return dataclasses.replace(self, blend=blend)
+
+
+def tiled_encode(vae, images, tiling: Tiling = Tiling()):
+    """vae.encode tile by tile: (N, H, W, 3) -> (N, H/f, W/f, C); H, W multiples of the factor."""
+    f = vae.factor
+    h, w = images.shape[1:3]
+    if h % f or w % f:
+        raise ValueError(f"images: height and width must be multiples of {f}, got {h}x{w}")
+    return _tiled(vae.encode, images, tiling.checked(f), f, step_in=f, step_out=1)
+
+
+def tiled_decode(vae, latents, tiling: Tiling = Tiling()):
+    """vae.decode tile by tile: (N, h, w, C) -> (N, h*f, w*f, 3)."""
+    f = vae.factor
+    return _tiled(vae.decode, latents, tiling.checked(f), f, step_in=1, step_out=f)
+
+
+def _tiled(fn, x, tiling, factor, step_in, step_out):
+    """Run fn over tiles. Positions are counted in grid cells: one latent = `factor` image pixels;
+    a cell is step_in input and step_out output elements wide."""
+    n = x.shape[0]
+    grid = (x.shape[1] // step_in, x.shape[2] // step_in)
+    cells = tiling.size // factor
+    tile = tuple(min(cells, g) for g in grid)
+    starts = [_starts(g, t, tiling.overlap // factor) for g, t in zip(grid, tile)]
+    boxes = [(y, x0) for y in starts[0] for x0 in starts[1]]
+    blend = tiling.blend / factor * step_out
+    ramps = [{s: _ramp(s, ss, t, blend, step_out) for s in ss} for ss, t in zip(starts, tile)]
+    out, weight = None, np.zeros((grid[0] * step_out, grid[1] * step_out, 1), np.float32)
+    per_call = min(tiling.batch, len(boxes))
+    for i in range(0, len(boxes), per_call):
+        chunk = boxes[i:i + per_call]
+        padded = chunk + [chunk[-1]] * (per_call - len(chunk))  # one tile-batch shape for every call
+        batch = jnp.concatenate([x[:, y * step_in:(y + tile[0]) * step_in, x0 * step_in:(x0 + tile[1]) * step_in]
+                                 for y, x0 in padded])
+        result = fn(batch)
+        dtype = result.dtype
+        result = np.asarray(result, np.float32).reshape(len(padded), n, tile[0] * step_out, tile[1] * step_out, -1)
+        if out is None:
+            out = np.zeros((n, *weight.shape[:2], result.shape[-1]), np.float32)
+        for (y, x0), r in zip(chunk, result):
+            wt = np.outer(ramps[0][y], ramps[1][x0])[..., None]
+            sy, sx = slice(y * step_out, (y + tile[0]) * step_out), slice(x0 * step_out, (x0 + tile[1]) * step_out)
+            out[:, sy, sx] += r * wt
+            weight[sy, sx] += wt
+    return jnp.asarray(out / weight, dtype)
+
+
+def _starts(length, tile, overlap):
+    """Evenly spread tile starts covering [0, length) with at least `overlap` shared between neighbours."""
+    if tile >= length:
+        return [0]
+    count = math.ceil((length - overlap) / (tile - overlap))
+    return sorted({round(i * (length - tile) / (count - 1)) for i in range(count)})
+
+
+def _ramp(start, starts, tile, blend, step):
+    """Per-output-element weights of the tile at `start` along one axis (in output elements: cells * step)."""
+    size = tile * step
+    pos = np.arange(size) + 0.5  # centres of the output elements, relative to the tile start
+    w = np.ones(size, np.float32)
+    i = starts.index(start)
+    if i > 0:  # shares [0, shared) with the previous tile: fade in over the middle `blend` of it
+        shared = (starts[i - 1] + tile - start) * step
+        w = np.minimum(w, np.clip((pos - (shared - blend) / 2) / blend, 0, 1))
+    if i < len(starts) - 1:  # shares [size - shared, size) with the next tile: fade out
+        shared = (start + tile - starts[i + 1]) * step
+        w = np.minimum(w, np.clip((size - pos - (shared - blend) / 2) / blend, 0, 1))
+    return w
