@@ -68,7 +68,10 @@ class Autoencoder:
         if tile is not None:
             if key is not None:
                 raise ValueError("tiled encoding takes the posterior mean: give key= or tile=, not both")
-            return tiling.tiled_encode(self, self._images(images), _tiling(tile))
+            # the input is checked once here and the output once at the end, not per tile
+            encode = functools.partial(_encode, self.module, self.params)
+            return self._finite(tiling.tiled_encode(encode, self._images(images), _tiling(tile), self.factor),
+                                "encode")
         if key is not None and not hasattr(self.module, "posterior"):
             raise ValueError(f"{self.config.family} encoders are deterministic: there is no posterior to sample")
         return self._finite(_encode(self.module, self.params, self._images(images), key=key), "encode")
@@ -86,7 +89,8 @@ class Autoencoder:
         self._require("decoder")
         latents = _checked(latents, "latents", self.config.latent_channels)
         if tile is not None:
-            return tiling.tiled_decode(self, latents, _tiling(tile))
+            decode = functools.partial(_decode, self.module, self.params)
+            return self._finite(tiling.tiled_decode(decode, latents, _tiling(tile), self.factor), "decode")
         return self._finite(_decode(self.module, self.params, latents), "decode")
 
     def scale_latents(self, z):

@@ -33,19 +33,14 @@ class Tiling:
         return dataclasses.replace(self, blend=blend)
 
 
-def tiled_encode(vae, images, tiling: Tiling = Tiling()):
-    """vae.encode tile by tile: (N, H, W, 3) -> (N, H/f, W/f, C); H, W multiples of the factor."""
-    f = vae.factor
-    h, w = images.shape[1:3]
-    if h % f or w % f:
-        raise ValueError(f"images: height and width must be multiples of {f}, got {h}x{w}")
-    return _tiled(vae.encode, images, tiling.checked(f), f, step_in=f, step_out=1)
+def tiled_encode(encode, images, tiling: Tiling, factor: int):
+    """encode (a batch fn) tile by tile: (N, H, W, 3) -> (N, H/f, W/f, C); H, W multiples of the factor."""
+    return _tiled(encode, images, tiling.checked(factor), factor, step_in=factor, step_out=1)
 
 
-def tiled_decode(vae, latents, tiling: Tiling = Tiling()):
-    """vae.decode tile by tile: (N, h, w, C) -> (N, h*f, w*f, 3)."""
-    f = vae.factor
-    return _tiled(vae.decode, latents, tiling.checked(f), f, step_in=1, step_out=f)
+def tiled_decode(decode, latents, tiling: Tiling, factor: int):
+    """decode (a batch fn) tile by tile: (N, h, w, C) -> (N, h*f, w*f, 3)."""
+    return _tiled(decode, latents, tiling.checked(factor), factor, step_in=1, step_out=factor)
 
 
 def _tiled(fn, x, tiling, factor, step_in, step_out):
