@@ -6,6 +6,7 @@ from .dcae import DCAE, DCAEConfig
 from .kl import PRESETS as KL_PRESETS
 from .kl import AutoencoderKL, KLConfig
 from .loading import BUNDLED, load, save
+from .parallel import DataParallel, data_parallel
 from .tiling import Tiling
 from .taesd import PRESETS as TAESD_PRESETS
 from .taesd import TAESD, TAESDConfig
@@ -14,4 +15,4 @@ __version__ = "0.1.0"
 __all__ = ["load", "save", "encode_fn", "decode_fn", "Autoencoder", "pack_uint8", "unpack_uint8",
            "crop_to_multiple", "TAESD", "TAESDConfig", "TAESD_PRESETS", "BUNDLED",
            "posterior_fn", "scale_latents_fn", "unscale_latents_fn", "AutoencoderKL", "KLConfig", "KL_PRESETS",
-           "DCAE", "DCAEConfig", "DCAE_PRESETS", "Tiling"]
+           "DCAE", "DCAEConfig", "DCAE_PRESETS", "Tiling", "data_parallel", "DataParallel"]

@@ -6,6 +6,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import tiling
 
@@ -70,7 +71,7 @@ class Autoencoder:
                 raise ValueError("tiled encoding takes the posterior mean: give key= or tile=, not both")
             # the input is checked once here and the output once at the end, not per tile
             encode = functools.partial(_encode, self.module, self.params)
-            return self._finite(tiling.tiled_encode(encode, self._images(images), _tiling(tile), self.factor),
+            return self._finite(tiling.tiled_encode(encode, self._images(images), as_tiling(tile), self.factor),
                                 "encode")
         if key is not None and not hasattr(self.module, "posterior"):
             raise ValueError(f"{self.config.family} encoders are deterministic: there is no posterior to sample")
@@ -86,11 +87,10 @@ class Autoencoder:
         """Raw latents (N, h, w, C) -> images (N, h*f, w*f, 3) in about [-1, 1] (not clamped).
 
         tile: a `flax_vae.Tiling` (or a tile size in image pixels) to decode tile by tile in bounded memory."""
-        self._require("decoder")
-        latents = _checked(latents, "latents", self.config.latent_channels)
+        latents = self._latents(latents)
         if tile is not None:
             decode = functools.partial(_decode, self.module, self.params)
-            return self._finite(tiling.tiled_decode(decode, latents, _tiling(tile), self.factor), "decode")
+            return self._finite(tiling.tiled_decode(decode, latents, as_tiling(tile), self.factor), "decode")
         return self._finite(_decode(self.module, self.params, latents), "decode")
 
     def scale_latents(self, z):
@@ -109,6 +109,10 @@ class Autoencoder:
             raise ValueError(f"images: height and width must be multiples of {self.factor}, got {h}x{w}; "
                              f"crop or pad first (e.g. flax_vae.crop_to_multiple)")
         return images
+
+    def _latents(self, latents):
+        self._require("decoder")
+        return _checked(latents, "latents", self.config.latent_channels)
 
     def _finite(self, out, what):
         """Never hand back NaN/inf silently: reduced precision overflows (the SDXL VAE in float16 does)."""
@@ -129,12 +133,13 @@ class Autoencoder:
         return f"Autoencoder({self.config.family}:{self.name}, {parts}, dtype={jnp.dtype(self.dtype).name})"
 
 
-def _tiling(tile):
+def as_tiling(tile) -> tiling.Tiling:
     return tile if isinstance(tile, tiling.Tiling) else tiling.Tiling(size=int(tile))
 
 
 def _checked(x, what, channels):
-    x = jnp.asarray(x)  # numpy and jax inputs then share one compiled function
+    xp = np if isinstance(x, np.ndarray) else jnp  # numpy inputs stay on the host (sharded later, or not)
+    x = xp.asarray(x)
     if x.ndim != 4:
         raise ValueError(f"{what}: expected a batch (N, H, W, {channels}) in NHWC, got shape {tuple(x.shape)}")
     if x.shape[-1] != channels:
@@ -142,7 +147,7 @@ def _checked(x, what, channels):
         raise ValueError(f"{what}: expected {channels} channels last, got shape {tuple(x.shape)}{hint}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"{what}: expected floats, got {x.dtype}")
-    if not bool(jnp.isfinite(x).all()):
+    if not bool(xp.isfinite(x).all()):
         raise ValueError(f"{what}: contains NaN or infinite values")
     return x
 

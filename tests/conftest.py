@@ -1,7 +1,14 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Eight CPU devices for the data-parallel tests; plain (unsharded) calls still run on the first one.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
+import json  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import types  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -27,3 +34,43 @@ def crop(image, multiple):
 def max_abs_rel(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def run_processes(args, processes=2, devices=2, timeout=600):
+    """Run `python *args` as `processes` JAX processes of one job on loopback (gloo CPU collectives), each with
+    `devices` CPU devices. Each reads JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID from its
+    environment for jax.distributed.initialize. Returns their outputs (stdout); fails if any process fails."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(processes))
+    procs = [subprocess.Popen([sys.executable, *map(str, args)], env=dict(env, JAX_PROCESS_ID=str(i)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(processes)]
+    outputs = []
+    try:
+        for i, proc in enumerate(procs):
+            out, _ = proc.communicate(timeout=timeout)
+            assert proc.returncode == 0, f"process {i} failed:\n{out}"
+            outputs.append(out)
+    finally:
+        for proc in procs:
+            proc.kill()
+    return outputs
+
+
+def run_notebook(path, monkeypatch, workdir):
+    """Run a notebook's code cells in order in one namespace, in `workdir`, with IPython's display collecting
+    what it shows (no Jupyter needed). Returns (namespace, displayed objects)."""
+    shown = []
+    display = types.ModuleType("IPython.display")
+    display.display = shown.append
+    monkeypatch.setitem(sys.modules, "IPython", types.ModuleType("IPython"))
+    monkeypatch.setitem(sys.modules, "IPython.display", display)
+    monkeypatch.chdir(workdir)
+    namespace = {}
+    for cell in json.loads(Path(path).read_text())["cells"]:
+        if cell["cell_type"] == "code":
+            exec(compile("".join(cell["source"]), Path(path).name, "exec"), namespace)
+    return namespace, shown
