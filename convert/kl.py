@@ -93,9 +93,10 @@ def rules(config: KLConfig, ldm: bool = False, parts=("encoder", "decoder", "lat
             if f"{flax_path}/{leaf}" in shapes and flax_path.split("/")[0] in parts]
 
 
-def _to_flax(tensors, config, ldm, where):
+def _to_flax(tensors, config, ldm, where, parts=("encoder", "decoder", "latent_norm")):
     tensors = {k: v for k, v in tensors.items() if k != BN_COUNTER}
-    return to_flax(tensors, rules(config, ldm), expected_shapes(config), where)
+    shapes = {k: v for k, v in expected_shapes(config).items() if k.split("/")[0] in parts}
+    return to_flax(tensors, rules(config, ldm, parts), shapes, where)
 
 
 # ---- diffusers folders
@@ -195,29 +196,44 @@ def config_from_ldm(tensors, where) -> KLConfig:
             m = re.fullmatch(pattern, k)
             if m:
                 found[int(m.group(1))] = v.shape[0]
-        return tuple(found[i] for i in range(len(found))) if sorted(found) == list(range(len(found))) else None
+        complete = found and sorted(found) == list(range(len(found)))
+        return tuple(found[i] for i in range(len(found))) if complete else None
 
     enc = widths(r"encoder\.down\.(\d+)\.block\.0\.conv1\.weight")
     dec = widths(r"decoder\.up\.(\d+)\.block\.0\.conv1\.weight")
-    blocks = {int(m.group(1)) for k in tensors if (m := re.fullmatch(r"encoder\.down\.0\.block\.(\d+)\..+", k))}
-    if "encoder.conv_out.weight" in tensors:
-        latent = tensors["encoder.conv_out.weight"].shape[0] // 2
-    elif "decoder.conv_in.weight" in tensors:
-        latent = tensors["decoder.conv_in.weight"].shape[1]
+    has = _parts(tensors)
+    if not has:
+        raise CheckpointError(f"{where}: no encoder.conv_in or decoder.conv_in: not an LDM VAE")
+    # a file may hold one side only (e.g. an extracted decoder): the architecture is read from that side
+    if "encoder" in has:
+        latent = tensors.get("encoder.conv_out.weight", np.empty((0,))).shape[0] // 2
+        blocks = _count(tensors, r"encoder\.down\.0\.block\.(\d+)\..+")
     else:
-        raise CheckpointError(f"{where}: no encoder.conv_out or decoder.conv_in: not an LDM VAE")
-    if enc is None or not blocks:
-        raise CheckpointError(f"{where}: cannot read the encoder's stages (encoder.down.<i>.block.<j>) from the keys; "
-                              "encoder-only or decoder-only LDM files are not supported")
+        latent = tensors["decoder.conv_in.weight"].shape[1]
+        blocks = _count(tensors, r"decoder\.up\.0\.block\.(\d+)\..+") - 1  # the decoder has one more
+    stages = enc if "encoder" in has else dec
+    if stages is None or blocks < 1 or latent < 1:
+        raise CheckpointError(f"{where}: cannot read the {has[0]}'s stages and latent channels from its keys")
+    quant, post_quant = "quant_conv.weight" in tensors, "post_quant_conv.weight" in tensors
     try:
-        return KLConfig(latent_channels=latent, block_out_channels=enc,
-                        decoder_block_out_channels=None if dec in (None, enc) else dec,
-                        layers_per_block=len(blocks), use_quant_conv="quant_conv.weight" in tensors,
-                        use_post_quant_conv="post_quant_conv.weight" in tensors,
-                        mid_block_attention="encoder.mid.attn_1.q.weight" in tensors,
+        return KLConfig(latent_channels=latent, block_out_channels=stages,
+                        decoder_block_out_channels=None if dec in (None, stages) else dec,
+                        layers_per_block=blocks,  # a missing side is taken to mirror the present one
+                        use_quant_conv=quant if "encoder" in has else post_quant,
+                        use_post_quant_conv=post_quant if "decoder" in has else quant,
+                        mid_block_attention=f"{has[0]}.mid.attn_1.q.weight" in tensors,
                         latent_batch_norm="bn.running_mean" in tensors)
     except ValueError as e:
         raise CheckpointError(f"{where}: unsupported LDM VAE: {e}") from None
+
+
+def _parts(tensors) -> tuple:
+    """The sides an LDM state dict holds: ("encoder", "decoder"), or one of them."""
+    return tuple(p for p in ("encoder", "decoder") if f"{p}.conv_in.weight" in tensors)
+
+
+def _count(tensors, pattern) -> int:
+    return len({m.group(1) for k in tensors if (m := re.fullmatch(pattern, k))})
 
 
 def _architecture(config: KLConfig) -> KLConfig:
@@ -242,7 +258,7 @@ def from_ldm(tensors, where: str, hint: str = ""):
     else:
         name = matches[0] if matches else "custom"
     config = PRESETS[name] if matches else arch
-    return config, _to_flax(tensors, config, True, where), name
+    return config, _to_flax(tensors, config, True, where, _parts(tensors) + ("latent_norm",)), name
 
 
 def variant_name(config: KLConfig, hint: str = "") -> str:

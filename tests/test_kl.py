@@ -155,6 +155,15 @@ def test_sd15_ldm_single_files(sd15, tmp_path):
     # a bare VAE training checkpoint (vae-ft-mse-840000-ema-pruned.ckpt): tensors under state_dict, a plain counter
     torch.save({"state_dict": ldm_state_dict(model), "global_step": 840000}, tmp_path / "vae-ft-mse.ckpt")
     jax.tree.map(np.testing.assert_array_equal, flax_vae.load(tmp_path / "vae-ft-mse.ckpt").params, vae.params)
+    # one side only, as extracted encoders/decoders are shipped: the architecture is read from that side
+    bare = ldm_state_dict(model)
+    for side, own in (("encoder", ("encoder.", "quant_conv.")), ("decoder", ("decoder.", "post_quant_conv."))):
+        save_file({k: v for k, v in bare.items() if k.startswith(own)}, tmp_path / f"sd15_vae_{side}.safetensors")
+        half = flax_vae.load(tmp_path / f"sd15_vae_{side}.safetensors")
+        assert half.config == vae.config and list(half.params) == [side]
+        jax.tree.map(np.testing.assert_array_equal, half.params[side], vae.params[side])
+    with pytest.raises(ValueError, match="without its encoder"):
+        half.encode(images)
 
 
 def test_flux1_and_sd3_parity_and_ae_safetensors(small_images, tmp_path):
