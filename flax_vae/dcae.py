@@ -19,6 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from .layers import UpsampleConv
+
 FAMILY = "dcae"
 BLOCKS = ("res", "vit")  # residual conv block, EfficientViT block
 NORMS = ("rms", "bn")
@@ -298,7 +300,7 @@ class UpBlock(nn.Module):
         if self.pixel_shuffle:
             y = pixel_shuffle(conv(4 * self.features, name="conv", dtype=self.dtype)(x))
         else:
-            y = conv(self.features, name="conv", dtype=self.dtype)(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
+            y = UpsampleConv(self.features, name="conv", dtype=self.dtype)(x)  # nearest 2x, conv
         if self.shortcut:  # each channel repeated in place (repeat, not tile), then moved to space
             y = y + pixel_shuffle(jnp.repeat(x, 4 * self.features // x.shape[-1], axis=-1))
         return y  # (N, 2H, 2W, features)

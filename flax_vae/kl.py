@@ -20,6 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from .layers import UpsampleConv
+
 FAMILY = "kl"
 
 
@@ -209,8 +211,7 @@ class Decoder(nn.Module):
             for j in range(c.layers_per_block + 1):
                 x = ResnetBlock(width, g, name=f"up_{i}_resnet_{j}", dtype=dt)(x)
             if i < len(widths) - 1:
-                x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # nearest 2x
-                x = conv3(width, name=f"up_{i}_upsample", dtype=dt)(x)
+                x = UpsampleConv(width, name=f"up_{i}_upsample", dtype=dt)(x)  # nearest 2x, conv
         x = nn.silu(group_norm(g, "norm_out", dt)(x))
         return conv3(3, name="conv_out", dtype=dt)(x)  # (N, h*f, w*f, 3)
 

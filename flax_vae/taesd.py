@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from .layers import UpsampleConv
+
 FAMILY = "taesd"
 
 
@@ -59,10 +61,6 @@ def conv3(features, stride=1, use_bias=True, name=None, dtype=jnp.float32):
     # PyTorch padding=1 pads (1, 1) on both sides even with stride 2; Flax 'SAME' would pad (0, 1).
     return nn.Conv(features, (3, 3), strides=stride, padding=((1, 1), (1, 1)),
                    use_bias=use_bias, name=name, dtype=dtype)
-
-
-def upsample2x(x):  # nearest neighbour
-    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
 
 
 class Block(nn.Module):
@@ -120,7 +118,7 @@ class Decoder(nn.Module):
         for s in range(len(widths) - 1):
             for b in range(c.depth):
                 x = Block(widths[s], midblock_gn=c.midblock_gn and s == 0, name=f"blocks_{s}_{b}", dtype=dt)(x)
-            x = conv3(widths[s + 1], use_bias=False, name=f"up_{s}", dtype=dt)(upsample2x(x))  # 2x larger
+            x = UpsampleConv(widths[s + 1], use_bias=False, name=f"up_{s}", dtype=dt)(x)  # nearest 2x, conv
         x = Block(widths[-1], name="block_out", dtype=dt)(x)
         return conv3(3, name="conv_out", dtype=dt)(x)  # (N, H, W, 3) in about [0, 1]
 
