@@ -1,0 +1,75 @@
+"""Training images: a folder -> augmented random crops, a pure function of a numpy Generator.
+
+Each image is kept as a small pyramid (scales 1, 3/4, 1/2, 3/8), so one crop size sees both detail and layout.
+Augmentations: random scale, position, horizontal flip, rotation by 90 degrees, brightness/contrast/saturation.
+"""
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+SCALES = (1.0, 0.75, 0.5, 0.375)
+
+
+def image_files(folder) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"data folder {folder}: not a folder")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file())
+    if not files:
+        raise ValueError(f"data folder {folder}: no images ({', '.join(sorted(SUFFIXES))})")
+    return files
+
+
+def read_rgb(path) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable image: {e}") from None
+
+
+class Crops:
+    """Random augmented square crops of the images in `files`, as (N, size, size, 3) float32 in [-1, 1]."""
+
+    def __init__(self, files, max_crop: int):
+        self.pyramids = []
+        for path in files:
+            im = read_rgb(path)
+            if min(im.size) < max_crop:  # small images are upscaled so that every crop size fits
+                im = im.resize([round(s * max_crop / min(im.size)) for s in im.size], Image.BICUBIC)
+            self.pyramids.append([np.asarray(im.resize([round(s * scale) for s in im.size], Image.LANCZOS))
+                                  for scale in SCALES if min(im.size) * scale >= max_crop / 2])
+
+    def sample(self, rng: np.random.Generator, n: int, size: int) -> np.ndarray:
+        out = np.empty((n, size, size, 3), np.float32)
+        for i in range(n):
+            levels = [lv for lv in self.pyramids[rng.integers(len(self.pyramids))] if min(lv.shape[:2]) >= size]
+            level = levels[rng.integers(len(levels))]  # scale 1 always fits: images are at least max_crop
+            y, x = rng.integers(level.shape[0] - size + 1), rng.integers(level.shape[1] - size + 1)
+            crop = np.rot90(level[y:y + size, x:x + size], k=rng.integers(4))
+            if rng.random() < 0.5:
+                crop = crop[:, ::-1]
+            out[i] = jitter(crop.astype(np.float32) / 127.5 - 1, rng)
+        return out
+
+
+def jitter(x, rng, strength=0.1):
+    """Brightness, contrast and saturation, each within +-strength (relative), clamped to [-1, 1]."""
+    gray = x.mean(axis=-1, keepdims=True)
+    x = gray + (x - gray) * (1 + strength * 3 * rng.uniform(-1, 1))  # saturation (gray images stay gray)
+    x = x.mean() + (x - x.mean()) * (1 + strength * rng.uniform(-1, 1))  # contrast
+    return np.clip(x + strength * rng.uniform(-1, 1), -1, 1)  # brightness
+
+
+def eval_images(files, size: int) -> np.ndarray:
+    """Held-out images: the short side resized to `size`, the centre `size` x `size` square. (N, size, size, 3)."""
+    out = []
+    for path in files:
+        im = read_rgb(path)
+        scale = size / min(im.size)
+        im = im.resize([max(size, round(s * scale)) for s in im.size], Image.LANCZOS)
+        left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
+        out.append(np.asarray(im.crop((left, top, left + size, top + size)), np.float32) / 127.5 - 1)
+    return np.stack(out)
