@@ -75,13 +75,13 @@ class Autoencoder:
                                 "encode")
         if key is not None and not hasattr(self.module, "posterior"):
             raise ValueError(f"{self.config.family} encoders are deterministic: there is no posterior to sample")
-        return self._finite(_encode(self.module, self.params, self._images(images), key=key), "encode")
+        return self._finite(_encode(self.module, self.params, jnp.asarray(self._images(images)), key=key), "encode")
 
     def posterior(self, images):
         """The posterior's (mean, logvar), each (N, H/f, W/f, C) (families with one: KL)."""
         if not hasattr(self.module, "posterior"):
             raise ValueError(f"{self.config.family} encoders are deterministic: they have no posterior")
-        return self._finite(_posterior(self.module, self.params, self._images(images)), "encode")
+        return self._finite(_posterior(self.module, self.params, jnp.asarray(self._images(images))), "encode")
 
     def decode(self, latents, tile=None):
         """Raw latents (N, h, w, C) -> images (N, h*f, w*f, 3) in about [-1, 1] (not clamped).
@@ -91,7 +91,7 @@ class Autoencoder:
         if tile is not None:
             decode = functools.partial(_decode, self.module, self.params)
             return self._finite(tiling.tiled_decode(decode, latents, as_tiling(tile), self.factor), "decode")
-        return self._finite(_decode(self.module, self.params, latents), "decode")
+        return self._finite(_decode(self.module, self.params, jnp.asarray(latents)), "decode")
 
     def scale_latents(self, z):
         """Raw latents -> the diffusion model's latent space, as the family's pipelines do it
@@ -138,7 +138,9 @@ def as_tiling(tile) -> tiling.Tiling:
 
 
 def _checked(x, what, channels):
-    xp = np if isinstance(x, np.ndarray) else jnp  # numpy inputs stay on the host (sharded later, or not)
+    # numpy inputs are checked on the host and stay there (sharded later, or cut into tiles); plain calls pass
+    # jnp.asarray(x), so that numpy and jax inputs share one compiled function
+    xp = np if isinstance(x, np.ndarray) else jnp
     x = xp.asarray(x)
     if x.ndim != 4:
         raise ValueError(f"{what}: expected a batch (N, H, W, {channels}) in NHWC, got shape {tuple(x.shape)}")
