@@ -81,11 +81,13 @@ def worker(impl, op, batch, dtype, folder, reps, device, size):
         import jax
         import jax.numpy as jnp
         jdt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
-        if impl == "ours":
+        if impl in ("ours", "ours_unbanded"):
             import flax_vae
             from flax_vae.autoencoder import decode_fn, encode_fn
             vae = flax_vae.load(folder, dtype=jdt, param_dtype=jnp.float32)
             module, params, inp = vae.module, vae.params, jnp.asarray(x)
+            if impl == "ours_unbanded":  # the decoder without row bands (AutoencoderKL.band_above)
+                module = module.clone(band_above=None)
             fn = jax.jit(encode_fn if op == "encode" else decode_fn, static_argnums=0)
             lowered = lambda: fn.lower(module, params, inp)
         else:
@@ -113,6 +115,7 @@ def worker(impl, op, batch, dtype, folder, reps, device, size):
         def run():
             return jax.block_until_ready(compiled(*args))
 
+    setup_mb = _peak_memory_mb(impl, device, None if impl == "torch" else compiled)  # model loaded (and compiled)
     t = time.perf_counter()
     run()
     first = time.perf_counter() - t
@@ -123,7 +126,7 @@ def worker(impl, op, batch, dtype, folder, reps, device, size):
         times.append(time.perf_counter() - t)
     median = statistics.median(times) if times else None
     print(json.dumps({"first_s": first, "median_s": median, "times": times,
-                      "compile_s": None if impl == "torch" else compile_s,
+                      "compile_s": None if impl == "torch" else compile_s, "setup_mb": setup_mb,
                       "peak_mb": _peak_memory_mb(impl, device, None if impl == "torch" else compiled)}))
 
 
@@ -168,7 +171,8 @@ def main():
     parser.add_argument("--ops", nargs="+", default=["decode", "encode"], choices=("decode", "encode"))
     parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
     parser.add_argument("--reps", type=int, default=2, help="timed repetitions after the first (compile) call")
-    parser.add_argument("--no-1024", action="store_true", help="skip the 1024x1024 decode memory row")
+    parser.add_argument("--no-1024", action="store_true", help="skip the 1024x1024 decode memory rows")
+    parser.add_argument("--only-1024", action="store_true", help="run only the 1024x1024 decode memory rows")
     parser.add_argument("--timeout", type=int, default=1800)
     args = parser.parse_args()
     if args.device is None:
@@ -180,9 +184,10 @@ def main():
         make_weights(folder)
         print(f"device={args.device} reps={args.reps} (times in s; peak memory in MiB: "
               f"{'peak RSS' if args.device == 'cpu' else 'peak device allocation'})\n")
-        print("| op | batch | dtype | impl | compile s | median s | vs old Flax | vs PyTorch | peak MiB |")
-        print("|---|---|---|---|---|---|---|---|---|")
-        for op in args.ops:
+        if not args.only_1024:
+            print("| op | batch | dtype | impl | compile s | median s | vs old Flax | vs PyTorch | peak MiB |")
+            print("|---|---|---|---|---|---|---|---|---|")
+        for op in [] if args.only_1024 else args.ops:
             for batch in args.batches:
                 for dtype in args.dtypes:
                     rows = {impl: measure(impl, op, batch, dtype, folder, args) for impl in args.impls}
@@ -196,13 +201,14 @@ def main():
                               f"{fmt(ratio('old_flax'), 'x')} | {fmt(ratio('torch'), 'x')} | {r['peak_mb']:.0f} |",
                               flush=True)
         if not args.no_1024:
-            print("\n1024x1024 decode (batch 1, float32), one call each:\n")
-            print("| impl | first call s | peak MiB |")
-            print("|---|---|---|")
-            for impl in ("ours", "old_flax"):
+            print("\n1024x1024 decode (batch 1, float32), one call each (ours_unbanded: band_above=None):\n")
+            print("| impl | first call s | peak MiB before the call | peak MiB |")
+            print("|---|---|---|---|")
+            for impl in ("ours", "ours_unbanded", "old_flax"):
                 r = measure(impl, "decode", 1, "float32", folder, args, size=1024, reps=0)
-                print(f"| {impl} | " + (r["error"] if "error" in r else f"{r['first_s']:.1f} | {r['peak_mb']:.0f}")
-                      + " |", flush=True)
+                print(f"| {impl} | " + (r["error"] if "error" in r else
+                                        f"{r['first_s']:.1f} | {r['setup_mb']:.0f} | {r['peak_mb']:.0f}") + " |",
+                      flush=True)
 
 
 if __name__ == "__main__":

@@ -37,8 +37,8 @@ def read_metadata(path) -> dict[str, str]:
 
 
 def _read_safetensors(path):
-    try:
-        with safetensors.safe_open(str(path), framework="flax") as f:
+    try:  # numpy: one copy of each tensor on the host (the flax framework makes a device copy first)
+        with safetensors.safe_open(str(path), framework="numpy") as f:
             return {k: np.asarray(f.get_tensor(k)) for k in f.keys()}
     except (safetensors.SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file (corrupt or truncated?): {e}") from None

@@ -61,7 +61,8 @@ def parameter_rows(c: DCAEConfig):
     diffusers one; `mit_rules` reads the attention projections as 1x1 convs."""
     # The encoder stem and the decoder head are a plain conv, or a down/up block when the first stage is empty.
     stem = "" if c.encoder_depths[0] else ".conv"
-    mit_stem = ".conv" if c.encoder_depths[0] == 0 and c.pixel_shuffle else ""
+    unshuffle = c.downsample == "pixel_unshuffle"  # MIT's conv + pixel-unshuffle layer wraps its conv once more
+    mit_stem = ".conv" if c.encoder_depths[0] == 0 and unshuffle else ""
     head = "" if c.decoder_depths[0] else ".conv"
     rows = _rows(f"encoder.conv_in{stem}", f"encoder.project_in{mit_stem}.conv",
                  f"encoder/conv_in{stem.replace('.', '/')}", CONV)
@@ -72,7 +73,7 @@ def parameter_rows(c: DCAEConfig):
                                 f"encoder.stages.{i}.op_list.{j}", f"encoder/stage{i}_block{j}")
         if depth and i < n - 1:
             rows += _rows(f"encoder.down_blocks.{i}.{depth}.conv",
-                          f"encoder.stages.{i}.op_list.{depth}.main.conv" + (".conv" if c.pixel_shuffle else ""),
+                          f"encoder.stages.{i}.op_list.{depth}.main.conv" + (".conv" if unshuffle else ""),
                           f"encoder/stage{i}_down/conv", CONV)
     rows += _rows("encoder.conv_out", "encoder.project_out.main.op_list.0.conv", "encoder/conv_out", CONV)
     rows += _rows("decoder.conv_in", "decoder.project_in.main.conv", "decoder/conv_in", CONV)
@@ -190,6 +191,10 @@ def with_released_scaling(config: DCAEConfig, names: list[str]) -> DCAEConfig:
 
 BLOCK_NAMES = {"res": "ResBlock", "vit": "EfficientViTBlock"}
 NORM_NAMES = {"rms": "rms_norm", "bn": "batch_norm"}
+# diffusers -> ours. diffusers takes any downsample name but "pixel_unshuffle" for a strided conv: hub configs
+# say "Conv", its conversion script "conv".
+DOWNSAMPLE_TYPES = {"pixel_unshuffle": "pixel_unshuffle", "Conv": "conv", "conv": "conv"}
+UPSAMPLE_TYPES = {"pixel_shuffle": "pixel_shuffle", "interpolate": "interpolate"}
 # AutoencoderDC's defaults for keys a config.json may leave out.
 DIFFUSERS_DEFAULTS = {
     "in_channels": 3, "latent_channels": 32, "attention_head_dim": 32,
@@ -209,26 +214,34 @@ def config_from_diffusers(cfg: dict, where: str) -> DCAEConfig:
     n = len(cfg["encoder_block_out_channels"])
     per_stage = lambda v: [v] * n if isinstance(v, str) else list(v)
     inverse = lambda table, names, what: [_lookup({v: k for k, v in table.items()}, x, what, where) for x in names]
-    resample = (cfg["downsample_block_type"], cfg["upsample_block_type"])
-    fixed = {"in_channels": 3, "encoder_out_shortcut": True, "decoder_in_shortcut": True, "decoder_conv_act_fn": "relu"}
+    fixed = {"in_channels": 3, "encoder_out_shortcut": True, "decoder_in_shortcut": True}
     unsupported = {k: cfg[k] for k, v in fixed.items() if cfg[k] != v}
-    if resample not in (("pixel_unshuffle", "pixel_shuffle"), ("Conv", "interpolate")):
-        unsupported["downsample/upsample_block_type"] = resample
     if unsupported:
         raise CheckpointError(f"{where}: unsupported AutoencoderDC configuration: {unsupported}")
+    blocks = {part: inverse(BLOCK_NAMES, per_stage(cfg[f"{part}_block_types"]), "block type")
+              for part in ("encoder", "decoder")}
+    scales = {part: _attention_scales(blocks[part], cfg[f"{part}_qkv_multiscales"])
+              for part in ("encoder", "decoder")}
     try:
         return DCAEConfig(
             latent_channels=cfg["latent_channels"], head_dim=cfg["attention_head_dim"],
             encoder_widths=cfg["encoder_block_out_channels"], decoder_widths=cfg["decoder_block_out_channels"],
             encoder_depths=cfg["encoder_layers_per_block"], decoder_depths=cfg["decoder_layers_per_block"],
-            encoder_blocks=inverse(BLOCK_NAMES, per_stage(cfg["encoder_block_types"]), "block type"),
-            decoder_blocks=inverse(BLOCK_NAMES, per_stage(cfg["decoder_block_types"]), "block type"),
-            encoder_scales=cfg["encoder_qkv_multiscales"], decoder_scales=cfg["decoder_qkv_multiscales"],
+            encoder_blocks=blocks["encoder"], decoder_blocks=blocks["decoder"],
+            encoder_scales=scales["encoder"], decoder_scales=scales["decoder"],
             decoder_norms=inverse(NORM_NAMES, per_stage(cfg["decoder_norm_types"]), "norm type"),
-            decoder_acts=per_stage(cfg["decoder_act_fns"]), pixel_shuffle=resample[0] == "pixel_unshuffle",
+            decoder_acts=per_stage(cfg["decoder_act_fns"]), decoder_out_act=cfg["decoder_conv_act_fn"],
+            downsample=_lookup(DOWNSAMPLE_TYPES, cfg["downsample_block_type"], "downsample_block_type", where),
+            upsample=_lookup(UPSAMPLE_TYPES, cfg["upsample_block_type"], "upsample_block_type", where),
             scaling_factor=float(cfg["scaling_factor"]))
     except ValueError as e:
         raise CheckpointError(f"{where}: unsupported AutoencoderDC configuration: {e}") from None
+
+
+def _attention_scales(blocks, scales):
+    """Multi-scale kernels of EfficientViT stages only: diffusers' default names (5,) for stages that may hold
+    residual blocks (the lite decoder), which have no attention. Unequal lengths are left for DCAEConfig to report."""
+    return [s if b == "vit" else () for b, s in zip(blocks, scales)] if len(blocks) == len(scales) else scales
 
 
 def _lookup(table, key, what, where):
@@ -250,10 +263,10 @@ def diffusers_config(c: DCAEConfig) -> dict:
         "encoder_layers_per_block": list(c.encoder_depths), "decoder_layers_per_block": list(c.decoder_depths),
         "encoder_qkv_multiscales": [list(s) for s in c.encoder_scales],
         "decoder_qkv_multiscales": [list(s) for s in c.decoder_scales],
-        "downsample_block_type": "pixel_unshuffle" if c.pixel_shuffle else "Conv",
-        "upsample_block_type": "pixel_shuffle" if c.pixel_shuffle else "interpolate",
+        "downsample_block_type": "Conv" if c.downsample == "conv" else c.downsample,
+        "upsample_block_type": c.upsample,
         "decoder_norm_types": [NORM_NAMES[x] for x in c.decoder_norms], "decoder_act_fns": list(c.decoder_acts),
-        "encoder_out_shortcut": True, "decoder_in_shortcut": True, "decoder_conv_act_fn": "relu",
+        "encoder_out_shortcut": True, "decoder_in_shortcut": True, "decoder_conv_act_fn": c.decoder_out_act,
         "scaling_factor": c.scaling_factor,
     }
 

@@ -2,29 +2,33 @@
 
     encoder: image -> stem -> stages of (blocks, down block) -> conv + channel-averaging shortcut -> latents
     decoder: latents -> conv + channel-duplicating shortcut -> stages of (up block, blocks)
-             -> RMSNorm -> ReLU -> head -> image
+             -> RMSNorm -> ReLU (SiLU in lite) -> head -> image
 
 Blocks are residual conv blocks (early, high-resolution stages) or EfficientViT blocks (late stages):
 ReLU linear attention ("LiteMLA") followed by a GLU MBConv. Down/up blocks add a parameter-free
 shortcut: space-to-channel (pixel-unshuffle) then a mean over channel groups, or channel duplication
 then channel-to-space (pixel-shuffle). The sana variants aggregate q/k/v over a 5x5 neighbourhood
 (multi-scale) and resample with strided convs / nearest upsampling; in/mix have an empty first stage,
-resample with pixel-(un)shuffle, and BatchNorm (running statistics) in the early decoder stages.
+resample with pixel-(un)shuffle, and BatchNorm (running statistics) in the early decoder stages. lite
+has sana's encoder and a decoder of residual conv blocks only, upsampling by pixel-shuffle.
 Images are in [-1, 1]; latents are raw (scale with scaling_factor for the diffusion model).
 """
 import dataclasses
+import typing
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .layers import UpsampleConv
+from .layers import DownsampleConv, UpsampleConv
 
 FAMILY = "dcae"
 BLOCKS = ("res", "vit")  # residual conv block, EfficientViT block
 NORMS = ("rms", "bn")
 ACTS = {"silu": nn.silu, "relu": nn.relu}
+DOWNSAMPLES = ("conv", "pixel_unshuffle")  # strided 3x3 conv (sana) / conv to 1/4 of the channels, pixel-unshuffle
+UPSAMPLES = ("interpolate", "pixel_shuffle")  # nearest 2x then conv (sana) / conv to 4x the channels, pixel-shuffle
 EPS_NORM = 1e-5
 EPS_ATTN = 1e-15
 
@@ -42,7 +46,9 @@ class DCAEConfig:
     decoder_scales: tuple[tuple[int, ...], ...] = ((), (), (), (5,), (5,), (5,))
     decoder_norms: tuple[str, ...] = ("rms",) * 6
     decoder_acts: tuple[str, ...] = ("silu",) * 6
-    pixel_shuffle: bool = False  # resample by pixel-(un)shuffle (in/mix) or strided conv / nearest 2x (sana)
+    downsample: str = "conv"  # encoder resampling, one of DOWNSAMPLES
+    upsample: str = "interpolate"  # decoder resampling, one of UPSAMPLES
+    decoder_out_act: str = "relu"  # between the decoder's last RMSNorm and its last conv
     head_dim: int = 32
     scaling_factor: float = 1.0
     shift_factor: float = 0.0
@@ -54,7 +60,7 @@ class DCAEConfig:
             if isinstance(v, (list, tuple)):
                 object.__setattr__(self, f.name, tuple(tuple(e) if isinstance(e, list) else e for e in v))
         n = len(self.encoder_widths)
-        per_stage = [f.name for f in dataclasses.fields(self) if f.name.startswith(("encoder_", "decoder_"))]
+        per_stage = [f.name for f in dataclasses.fields(self) if typing.get_origin(f.type) is tuple]
         if n < 2 or any(len(getattr(self, name)) != n for name in per_stage):
             raise ValueError(f"DC-AE: every per-stage field needs the same number (>= 2) of stages: "
                              + ", ".join(f"{k}={getattr(self, k)}" for k in per_stage))
@@ -70,6 +76,12 @@ class DCAEConfig:
                                      f"dimension {self.head_dim}")
         if any(x not in NORMS for x in self.decoder_norms) or any(a not in ACTS for a in self.decoder_acts):
             raise ValueError(f"DC-AE decoder: norms must be in {NORMS} and activations in {tuple(ACTS)}")
+        if self.decoder_out_act not in ACTS:
+            raise ValueError(f"DC-AE decoder: decoder_out_act must be one of {tuple(ACTS)}, "
+                             f"got {self.decoder_out_act!r}")
+        if self.downsample not in DOWNSAMPLES or self.upsample not in UPSAMPLES:
+            raise ValueError(f"DC-AE: downsample must be one of {DOWNSAMPLES} and upsample one of {UPSAMPLES}, "
+                             f"got {self.downsample!r} and {self.upsample!r}")
         if self.encoder_widths[-1] % self.latent_channels or self.decoder_widths[-1] % self.latent_channels:
             raise ValueError("DC-AE: the deepest width must be a multiple of latent_channels (the shortcuts "
                              "average or duplicate channel groups)")
@@ -88,14 +100,15 @@ _IN_MIX_F32 = DCAEConfig(
     encoder_depths=(0, 4, 8, 2, 2, 2), decoder_depths=(0, 5, 10, 2, 2, 2),
     encoder_scales=((),) * 6, decoder_scales=((),) * 6,
     decoder_norms=("bn",) * 3 + ("rms",) * 3, decoder_acts=("relu",) * 3 + ("silu",) * 3,
-    pixel_shuffle=True)
+    downsample="pixel_unshuffle", upsample="pixel_shuffle")
 _IN_MIX_F64 = DCAEConfig(
     latent_channels=128,
     encoder_widths=(128, 256, 512, 512, 1024, 1024, 2048), decoder_widths=(128, 256, 512, 512, 1024, 1024, 2048),
     encoder_depths=(0, 4, 8, 2, 2, 2, 2), decoder_depths=(0, 5, 10, 2, 2, 2, 2),
     encoder_blocks=("res",) * 3 + ("vit",) * 4, decoder_blocks=("res",) * 3 + ("vit",) * 4,
     encoder_scales=((),) * 7, decoder_scales=((),) * 7,
-    decoder_norms=("bn",) * 3 + ("rms",) * 4, decoder_acts=("relu",) * 3 + ("silu",) * 4, pixel_shuffle=True)
+    decoder_norms=("bn",) * 3 + ("rms",) * 4, decoder_acts=("relu",) * 3 + ("silu",) * 4,
+    downsample="pixel_unshuffle", upsample="pixel_shuffle")
 _IN_MIX_F128 = DCAEConfig(
     latent_channels=512,
     encoder_widths=(128, 256, 512, 512, 1024, 1024, 2048, 2048),
@@ -103,11 +116,18 @@ _IN_MIX_F128 = DCAEConfig(
     encoder_depths=(0, 4, 8, 2, 2, 2, 2, 2), decoder_depths=(0, 5, 10, 2, 2, 2, 2, 2),
     encoder_blocks=("res",) * 3 + ("vit",) * 5, decoder_blocks=("res",) * 3 + ("vit",) * 5,
     encoder_scales=((),) * 8, decoder_scales=((),) * 8,
-    decoder_norms=("bn",) * 3 + ("rms",) * 5, decoder_acts=("relu",) * 3 + ("silu",) * 5, pixel_shuffle=True)
+    decoder_norms=("bn",) * 3 + ("rms",) * 5, decoder_acts=("relu",) * 3 + ("silu",) * 5,
+    downsample="pixel_unshuffle", upsample="pixel_shuffle")
+
+# sana's encoder; a decoder of residual blocks only, pixel-shuffle upsampling, SiLU before its last conv.
+_LITE = dataclasses.replace(
+    _SANA, decoder_depths=(0, 3, 5, 4, 4, 4), decoder_blocks=("res",) * 6, decoder_scales=((),) * 6,
+    upsample="pixel_shuffle", decoder_out_act="silu")
 
 PRESETS = {
     "dc-ae-f32c32-sana-1.0": _SANA,
     "dc-ae-f32c32-sana-1.1": _SANA,  # retrained weights, same architecture and scaling factor
+    "dc-ae-lite-f32c32-sana-1.1": _LITE,
     "dc-ae-f32c32-in-1.0": dataclasses.replace(_IN_MIX_F32, scaling_factor=0.3189),
     "dc-ae-f32c32-mix-1.0": dataclasses.replace(_IN_MIX_F32, scaling_factor=0.4552),
     "dc-ae-f64c128-in-1.0": dataclasses.replace(_IN_MIX_F64, scaling_factor=0.2889),
@@ -117,11 +137,10 @@ PRESETS = {
 }
 
 
-def conv(features, kernel=3, stride=1, groups=1, use_bias=True, name=None, dtype=jnp.float32):
-    # Explicit symmetric padding: PyTorch's padding=k//2 with stride 2 is not Flax's 'SAME' (see PORTING.md).
+def conv(features, kernel=3, groups=1, use_bias=True, name=None, dtype=jnp.float32):
     p = kernel // 2
-    return nn.Conv(features, (kernel, kernel), strides=stride, padding=((p, p), (p, p)),
-                   feature_group_count=groups, use_bias=use_bias, name=name, dtype=dtype)
+    return nn.Conv(features, (kernel, kernel), padding=((p, p), (p, p)), feature_group_count=groups,
+                   use_bias=use_bias, name=name, dtype=dtype)
 
 
 class DepthwiseConv(nn.Module):
@@ -282,7 +301,7 @@ class DownBlock(nn.Module):
         if self.pixel_shuffle:
             y = pixel_unshuffle(conv(self.features // 4, name="conv", dtype=self.dtype)(x))
         else:
-            y = conv(self.features, stride=2, name="conv", dtype=self.dtype)(x)
+            y = DownsampleConv(self.features, name="conv", dtype=self.dtype)(x)  # stride 2
         if self.shortcut:
             y = y + channel_mean(pixel_unshuffle(x), self.features)
         return y  # (N, H/2, W/2, features)
@@ -319,17 +338,17 @@ class Encoder(nn.Module):
     @nn.compact
     def __call__(self, x):  # (N, H, W, 3) in [-1, 1]
         c, dt = self.config, self.dtype
-        widths, depths = c.encoder_widths, c.encoder_depths
+        widths, depths, unshuffle = c.encoder_widths, c.encoder_depths, c.downsample == "pixel_unshuffle"
         if depths[0]:
             x = conv(widths[0], name="conv_in", dtype=dt)(x)  # (N, H, W, w0)
         else:  # empty first stage: the stem already halves the resolution
-            x = DownBlock(widths[1], c.pixel_shuffle, shortcut=False, name="conv_in", dtype=dt)(x)
+            x = DownBlock(widths[1], unshuffle, shortcut=False, name="conv_in", dtype=dt)(x)
         for i, (width, depth) in enumerate(zip(widths, depths)):
             for j in range(depth):
                 x = block(c.encoder_blocks[i], c.encoder_scales[i], "rms", "silu", c.head_dim,
                           f"stage{i}_block{j}", dt)(x)
             if depth and i < len(widths) - 1:
-                x = DownBlock(widths[i + 1], c.pixel_shuffle, name=f"stage{i}_down", dtype=dt)(x)  # (N, H/2^(i+1), ..)
+                x = DownBlock(widths[i + 1], unshuffle, name=f"stage{i}_down", dtype=dt)(x)  # (N, H/2^(i+1), ..)
         z = conv(c.latent_channels, name="conv_out", dtype=dt)(x)
         return z + channel_mean(x, c.latent_channels)  # (N, H/f, W/f, latent)
 
@@ -341,18 +360,18 @@ class Decoder(nn.Module):
     @nn.compact
     def __call__(self, z):  # (N, h, w, latent)
         c, dt = self.config, self.dtype
-        widths, depths = c.decoder_widths, c.decoder_depths
+        widths, depths, shuffle = c.decoder_widths, c.decoder_depths, c.upsample == "pixel_shuffle"
         x = conv(widths[-1], name="conv_in", dtype=dt)(z) + jnp.repeat(z, widths[-1] // z.shape[-1], axis=-1)
         for i in reversed(range(len(widths))):
             if depths[i] and i < len(widths) - 1:
-                x = UpBlock(widths[i], c.pixel_shuffle, name=f"stage{i}_up", dtype=dt)(x)  # 2x larger
+                x = UpBlock(widths[i], shuffle, name=f"stage{i}_up", dtype=dt)(x)  # 2x larger
             for j in range(depths[i]):
                 x = block(c.decoder_blocks[i], c.decoder_scales[i], c.decoder_norms[i], c.decoder_acts[i],
                           c.head_dim, f"stage{i}_block{j}", dt)(x)
-        x = nn.relu(RMSNorm(name="norm_out", dtype=dt)(x))
+        x = ACTS[c.decoder_out_act](RMSNorm(name="norm_out", dtype=dt)(x))
         if depths[0]:
             return conv(3, name="conv_out", dtype=dt)(x)  # (N, H, W, 3)
-        return UpBlock(3, c.pixel_shuffle, shortcut=False, name="conv_out", dtype=dt)(x)  # (N, H, W, 3)
+        return UpBlock(3, shuffle, shortcut=False, name="conv_out", dtype=dt)(x)  # (N, H, W, 3)
 
 
 class DCAE(nn.Module):

@@ -45,3 +45,44 @@ def _fold(kernel, axis, phase):
     k = jnp.moveaxis(kernel, axis, 0)
     k = jnp.stack([k[0], k[1] + k[2]]) if phase == 0 else jnp.stack([k[0] + k[1], k[2]])
     return jnp.moveaxis(k, 0, axis)
+
+
+class DownsampleConv(nn.Module):
+    """A stride-2 3x3 convolution, padded (pad, 1) rows and columns, computed as stride-1 convolutions.
+
+    With input x split into its four phases x[r::2, c::2], output pixel (i, j) reads kernel tap a from input
+    row 2i + a - pad: the taps split by the parity of that row into a 1- or 2-tap kernel per phase, so the
+    result is the sum of four small stride-1 convolutions at the output's resolution (the same multiply-adds;
+    XLA's strided convolution is 1.5-1.9x slower on CPU). pad 1 is PyTorch's padding=1; pad 0 is the
+    (0, 1) padding of the Stable Diffusion VAE's encoder. Parameters: nn.Conv(features, (3, 3))'s.
+    """
+    features: int
+    pad: int = 1
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):  # (N, H, W, C), H and W even
+        if x.shape[1] % 2 or x.shape[2] % 2:
+            raise ValueError(f"DownsampleConv needs even height and width, got {x.shape[1:3]}")
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, x.shape[-1], self.features))
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        y = 0
+        for r in (0, 1):
+            rows, row_pad = _phase_taps(self.pad, r)
+            for c in (0, 1):
+                cols, col_pad = _phase_taps(self.pad, c)
+                y = y + jax.lax.conv_general_dilated(x[:, r::2, c::2], kernel[rows][:, cols], (1, 1),
+                                                     (row_pad, col_pad), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
+        return y  # (N, H/2, W/2, F)
+
+
+def _phase_taps(pad, phase):
+    """The kernel taps that land on input rows of this parity, and the padding of that phase's convolution.
+
+    Tap a reads row 2i + a - pad = 2(i + d) + phase, d = (a - pad - phase) / 2 in {-1, 0, 1}."""
+    taps = [a for a in range(3) if (a - pad - phase) % 2 == 0]
+    offsets = [(a - pad - phase) // 2 for a in taps]
+    return jnp.array(taps), (max(0, -offsets[0]), max(0, offsets[-1]))

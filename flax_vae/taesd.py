@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .layers import UpsampleConv
+from .layers import DownsampleConv, UpsampleConv
 
 FAMILY = "taesd"
 
@@ -57,10 +57,8 @@ PRESETS = {
 }
 
 
-def conv3(features, stride=1, use_bias=True, name=None, dtype=jnp.float32):
-    # PyTorch padding=1 pads (1, 1) on both sides even with stride 2; Flax 'SAME' would pad (0, 1).
-    return nn.Conv(features, (3, 3), strides=stride, padding=((1, 1), (1, 1)),
-                   use_bias=use_bias, name=name, dtype=dtype)
+def conv3(features, use_bias=True, name=None, dtype=jnp.float32):
+    return nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), use_bias=use_bias, name=name, dtype=dtype)
 
 
 class Block(nn.Module):
@@ -93,13 +91,13 @@ class Encoder(nn.Module):
     def __call__(self, x):  # (N, H, W, 3) in [0, 1]
         c, w, dt = self.config, self.config.width, self.dtype
         if c.factor == 32:
-            x = nn.relu(conv3(w // 2, stride=2, name="conv_in_0", dtype=dt)(x))  # (N, H/2, W/2, w/2)
-            x = nn.relu(conv3(w, stride=2, name="conv_in_1", dtype=dt)(x))  # (N, H/4, W/4, w)
+            x = nn.relu(DownsampleConv(w // 2, name="conv_in_0", dtype=dt)(x))  # (N, H/2, W/2, w/2)
+            x = nn.relu(DownsampleConv(w, name="conv_in_1", dtype=dt)(x))  # (N, H/4, W/4, w)
         else:
             x = conv3(w, name="conv_in", dtype=dt)(x)  # (N, H, W, w)
         x = Block(w, name="block_in", dtype=dt)(x)
         for s in range(3):
-            x = conv3(w, stride=2, use_bias=False, name=f"down_{s}", dtype=dt)(x)
+            x = DownsampleConv(w, use_bias=False, name=f"down_{s}", dtype=dt)(x)  # stride 2
             for b in range(c.depth):
                 x = Block(w, midblock_gn=c.midblock_gn and s == 2, name=f"blocks_{s}_{b}", dtype=dt)(x)
         return conv3(c.latent_channels, name="conv_out", dtype=dt)(x)  # (N, H/f, W/f, latent)

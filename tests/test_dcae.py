@@ -2,7 +2,8 @@
 
 Every released architecture is tested at reduced widths (every channel count / 8: same stages, depths,
 block types, head dim, shortcut group sizes) at a small size (deep stages take the quadratic attention
-form, H*W <= 32) and a size where every attention takes the linear form; the full f32c32 (sana) at 512x512.
+form, H*W <= 32) and a size where every attention takes the linear form; the full f32c32 (sana) at 512x512
+and the full lite f32c32 (sana's encoder, a smaller decoder) at 256x256.
 """
 import re
 
@@ -22,7 +23,9 @@ from flax_vae.dcae import DCAE, PRESETS
 TOL = 1e-4
 RES, VIT = "ResBlock", "EfficientViTBlock"
 # The released diffusers configs (hub config.json files / diffusers' conversion script), written out here
-# so that the presets are checked against them, not against our own export.
+# so that the presets are checked against them, not against our own export. The lite one is transcribed from
+# MIT-HAN's efficientvit (dc_ae.py, "dc-ae-lite-f32c32-sana-1.1"); its decoder_qkv_multiscales is left at
+# diffusers' default, which names (5,) for stages that hold residual blocks only.
 IN_MIX = dict(downsample_block_type="pixel_unshuffle", upsample_block_type="pixel_shuffle")
 HUB = {
     "f32-sana": dict(latent_channels=32, encoder_block_types=[RES] * 3 + [VIT] * 3,
@@ -34,6 +37,13 @@ HUB = {
                      decoder_qkv_multiscales=[[], [], [], [5], [5], [5]],
                      downsample_block_type="Conv", upsample_block_type="interpolate",
                      decoder_norm_types="rms_norm", decoder_act_fns="silu"),
+    "f32-lite": dict(latent_channels=32, encoder_block_types=[RES] * 3 + [VIT] * 3, decoder_block_types=RES,
+                     encoder_block_out_channels=[128, 256, 512, 512, 1024, 1024],
+                     decoder_block_out_channels=[128, 256, 512, 512, 1024, 1024],
+                     encoder_layers_per_block=[2, 2, 2, 3, 3, 3], decoder_layers_per_block=[0, 3, 5, 4, 4, 4],
+                     encoder_qkv_multiscales=[[], [], [], [5], [5], [5]],
+                     downsample_block_type="Conv", upsample_block_type="pixel_shuffle",
+                     decoder_norm_types="rms_norm", decoder_act_fns="silu", decoder_conv_act_fn="silu"),
     "f32-in-mix": dict(latent_channels=32, encoder_block_types=[RES] * 3 + [VIT] * 3,
                        decoder_block_types=[RES] * 3 + [VIT] * 3,
                        encoder_block_out_channels=[128, 256, 512, 512, 1024, 1024],
@@ -63,13 +73,15 @@ HUB = {
 }
 RELEASED = {  # name -> (architecture, scaling factor from the issue / model cards)
     "dc-ae-f32c32-sana-1.0": ("f32-sana", 0.41407), "dc-ae-f32c32-sana-1.1": ("f32-sana", 0.41407),
+    "dc-ae-lite-f32c32-sana-1.1": ("f32-lite", 0.41407),
     "dc-ae-f32c32-in-1.0": ("f32-in-mix", 0.3189), "dc-ae-f32c32-mix-1.0": ("f32-in-mix", 0.4552),
     "dc-ae-f64c128-in-1.0": ("f64-in-mix", 0.2889), "dc-ae-f64c128-mix-1.0": ("f64-in-mix", 0.4538),
     "dc-ae-f128c512-in-1.0": ("f128-in-mix", 0.4883), "dc-ae-f128c512-mix-1.0": ("f128-in-mix", 0.3620),
 }
 # (small size: quadratic attention in the deepest stages, size where every stage's H*W > 32)
-SIZES = {"f32-sana": ((64, 96), (256, 192)), "f32-in-mix": ((64, 96), (256, 192)),
-         "f64-in-mix": ((128, 192), (384, 384)), "f128-in-mix": ((128, 256), (768, 768))}
+SIZES = {"f32-sana": ((64, 96), (256, 192)), "f32-lite": ((64, 96), (256, 192)),
+         "f32-in-mix": ((64, 96), (256, 192)), "f64-in-mix": ((128, 192), (384, 384)),
+         "f128-in-mix": ((128, 256), (768, 768))}
 
 # diffusers key -> original MIT-HAN key, written independently of convert/dcae.py. Applied in order.
 TO_MIT = [
@@ -97,12 +109,12 @@ TO_MIT = [
 TO_MIT_DOWN = {True: r"\1.main.conv.conv.", False: r"\1.main.conv."}  # pixel-unshuffle / strided conv
 
 
-def to_mit(sd, pixel_shuffle):
+def to_mit(sd, pixel_unshuffle):
     out = {}
     for key, value in sd.items():
         for pattern, repl in TO_MIT:
             key = re.sub(pattern, repl, key)
-        key = re.sub(r"^(encoder\.stages\.\d+\.op_list\.\d+)\.conv\.", TO_MIT_DOWN[pixel_shuffle], key)
+        key = re.sub(r"^(encoder\.stages\.\d+\.op_list\.\d+)\.conv\.", TO_MIT_DOWN[pixel_unshuffle], key)
         out[key] = value
     for key in [k for k in out if k.endswith(".to_q.weight")]:  # fused qkv, a 1x1 conv
         stem = key[: -len(".to_q.weight")]
@@ -171,6 +183,8 @@ def test_presets_are_the_released_configs():
     assert set(PRESETS) == set(RELEASED)
     for name, (arch_name, scale) in RELEASED.items():
         assert cdcae.config_from_diffusers({**HUB[arch_name], "scaling_factor": scale}, name) == PRESETS[name]
+    lite = {**HUB["f32-lite"], "decoder_qkv_multiscales": [[]] * 6, "scaling_factor": 0.41407}
+    assert cdcae.config_from_diffusers(lite, "lite") == PRESETS["dc-ae-lite-f32c32-sana-1.1"]
 
 
 @pytest.mark.parametrize("which", [0, 1], ids=["small-quadratic", "linear"])
@@ -187,7 +201,7 @@ def test_parity_with_diffusers(arch, which):
 
 def test_mit_layout_gives_identical_parameters(arch):
     name, cfg, model, config, params = arch
-    mit = to_mit(state_dict(model), config.pixel_shuffle)
+    mit = to_mit(state_dict(model), config.downsample == "pixel_unshuffle")
     assert any(".qkv.conv.weight" in k for k in mit) and any(k.startswith("encoder.project_in.") for k in mit)
     _, mit_params = cdcae.from_mit(mit, "mit", config)
     flat, mit_flat = convert.rules.flatten(params), convert.rules.flatten(mit_params)
@@ -218,11 +232,25 @@ def _plain(v):
 def test_full_f32c32_sana_512():
     model = torch_model(HUB["f32-sana"], seed=3)
     sd = state_dict(model)
-    config, params = cdcae.from_mit(to_mit(sd, pixel_shuffle=False), "mit")  # architecture recognised by shapes
+    config, params = cdcae.from_mit(to_mit(sd, pixel_unshuffle=False), "mit")  # architecture recognised by shapes
     name = "/".join(cdcae.variant_names(config, "weights/dc-ae-f32c32-sana-1.0/model.safetensors"))
     assert name == "dc-ae-f32c32-sana-1.0"
     assert cdcae.with_released_scaling(config, [name]) == PRESETS[name]
     x = images(512, 512)
+    z_ref, y_ref = reference(model, x)
+    vae = autoencoder(PRESETS[name], params)
+    z, y = vae.encode(x), vae.decode(z_ref)
+    assert max_abs_rel(z, z_ref) <= TOL and max_abs_rel(y, y_ref) <= TOL, (max_abs_rel(z, z_ref), max_abs_rel(y, y_ref))
+
+
+def test_full_lite_f32c32_256():
+    """The full lite configuration: its MIT file is told apart from sana's (same encoder) by names and shapes."""
+    model = torch_model(HUB["f32-lite"], seed=4)
+    config, params = cdcae.from_mit(to_mit(state_dict(model), pixel_unshuffle=False), "mit")
+    name = "/".join(cdcae.variant_names(config, "weights/dc-ae-lite-f32c32-sana-1.1/model.safetensors"))
+    assert name == "dc-ae-lite-f32c32-sana-1.1"
+    assert cdcae.with_released_scaling(config, [name]) == PRESETS[name]
+    x = images(256, 256)
     z_ref, y_ref = reference(model, x)
     vae = autoencoder(PRESETS[name], params)
     z, y = vae.encode(x), vae.decode(z_ref)
@@ -267,7 +295,7 @@ def test_mit_file_dispatch(arch, tmp_path):
     names a tensor whose shape differs from the closest released one."""
     name, cfg, model, config, params = arch
     path = tmp_path / "model.safetensors"
-    convert.write_safetensors(path, to_mit(state_dict(model), config.pixel_shuffle))
+    convert.write_safetensors(path, to_mit(state_dict(model), config.downsample == "pixel_unshuffle"))
     with pytest.raises(CheckpointError, match=r"closest released architecture.*has shape"):
         convert.load(path)
 
@@ -277,3 +305,7 @@ def test_unsupported_diffusers_config_is_refused():
         cdcae.config_from_diffusers({**HUB["f32-sana"], "decoder_in_shortcut": False}, "config.json")
     with pytest.raises(CheckpointError, match="LayerNorm|block type"):
         cdcae.config_from_diffusers({**HUB["f32-sana"], "encoder_block_types": "LayerNorm"}, "config.json")
+    with pytest.raises(CheckpointError, match="upsample_block_type 'bilinear'"):
+        cdcae.config_from_diffusers({**HUB["f32-lite"], "upsample_block_type": "bilinear"}, "config.json")
+    with pytest.raises(CheckpointError, match="decoder_out_act.*gelu"):
+        cdcae.config_from_diffusers({**HUB["f32-lite"], "decoder_conv_act_fn": "gelu"}, "config.json")
