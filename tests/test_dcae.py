@@ -229,28 +229,16 @@ def _plain(v):
     return [_plain(e) for e in v] if isinstance(v, (list, tuple)) else v
 
 
-def test_full_f32c32_sana_512():
-    model = torch_model(HUB["f32-sana"], seed=3)
-    sd = state_dict(model)
-    config, params = cdcae.from_mit(to_mit(sd, pixel_unshuffle=False), "mit")  # architecture recognised by shapes
-    name = "/".join(cdcae.variant_names(config, "weights/dc-ae-f32c32-sana-1.0/model.safetensors"))
-    assert name == "dc-ae-f32c32-sana-1.0"
-    assert cdcae.with_released_scaling(config, [name]) == PRESETS[name]
-    x = images(512, 512)
-    z_ref, y_ref = reference(model, x)
-    vae = autoencoder(PRESETS[name], params)
-    z, y = vae.encode(x), vae.decode(z_ref)
-    assert max_abs_rel(z, z_ref) <= TOL and max_abs_rel(y, y_ref) <= TOL, (max_abs_rel(z, z_ref), max_abs_rel(y, y_ref))
-
-
-def test_full_lite_f32c32_256():
-    """The full lite configuration: its MIT file is told apart from sana's (same encoder) by names and shapes."""
-    model = torch_model(HUB["f32-lite"], seed=4)
+@pytest.mark.parametrize("hub, name, size, seed", [("f32-sana", "dc-ae-f32c32-sana-1.0", 512, 3),
+                                                    ("f32-lite", "dc-ae-lite-f32c32-sana-1.1", 256, 4)])
+def test_full_f32c32(hub, name, size, seed):
+    """A full f32c32 configuration from an MIT-layout file: the variant is recognised by names and shapes (lite
+    shares sana's encoder), then parity with diffusers."""
+    model = torch_model(HUB[hub], seed=seed)
     config, params = cdcae.from_mit(to_mit(state_dict(model), pixel_unshuffle=False), "mit")
-    name = "/".join(cdcae.variant_names(config, "weights/dc-ae-lite-f32c32-sana-1.1/model.safetensors"))
-    assert name == "dc-ae-lite-f32c32-sana-1.1"
+    assert "/".join(cdcae.variant_names(config, f"weights/{name}/model.safetensors")) == name
     assert cdcae.with_released_scaling(config, [name]) == PRESETS[name]
-    x = images(256, 256)
+    x = images(size, size)
     z_ref, y_ref = reference(model, x)
     vae = autoencoder(PRESETS[name], params)
     z, y = vae.encode(x), vae.decode(z_ref)
