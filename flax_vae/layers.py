@@ -80,9 +80,9 @@ class DownsampleConv(nn.Module):
 
 
 def _phase_taps(pad, phase):
-    """The kernel taps that land on input rows of this parity, and the padding of that phase's convolution.
+    """The kernel taps that land on input rows of this parity (a slice), and the padding of that phase's convolution.
 
     Tap a reads row 2i + a - pad = 2(i + d) + phase, d = (a - pad - phase) / 2 in {-1, 0, 1}."""
-    taps = [a for a in range(3) if (a - pad - phase) % 2 == 0]
-    offsets = [(a - pad - phase) // 2 for a in taps]
-    return jnp.array(taps), (max(0, -offsets[0]), max(0, offsets[-1]))
+    first = (pad + phase) % 2
+    offsets = [(a - pad - phase) // 2 for a in range(first, 3, 2)]
+    return slice(first, 3, 2), (max(0, -offsets[0]), max(0, offsets[-1]))
