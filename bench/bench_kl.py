@@ -151,7 +151,10 @@ def measure(impl, op, batch, dtype, folder, args, size=512, reps=None):
         env["JAX_PLATFORMS"] = "cpu"
     cmd = [python, __file__, "--worker", impl, op, str(batch), dtype, str(folder),
            str(args.reps if reps is None else reps), args.device, str(size)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"not done after --timeout {args.timeout} s"}
     if proc.returncode:
         tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
         return {"error": f"rc {proc.returncode}: {tail[:120]}"}
@@ -173,7 +176,7 @@ def main():
     parser.add_argument("--reps", type=int, default=2, help="timed repetitions after the first (compile) call")
     parser.add_argument("--no-1024", action="store_true", help="skip the 1024x1024 decode memory rows")
     parser.add_argument("--only-1024", action="store_true", help="run only the 1024x1024 decode memory rows")
-    parser.add_argument("--timeout", type=int, default=1800)
+    parser.add_argument("--timeout", type=int, default=1800, help="seconds per configuration (process)")
     args = parser.parse_args()
     if args.device is None:
         import jax

@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .layers import DownsampleConv, UpsampleConv
+from .layers import Conv3x3, DownsampleConv, UpsampleConv
 
 FAMILY = "dcae"
 BLOCKS = ("res", "vit")  # residual conv block, EfficientViT block
@@ -138,6 +138,8 @@ PRESETS = {
 
 
 def conv(features, kernel=3, groups=1, use_bias=True, name=None, dtype=jnp.float32):
+    if kernel == 3 and groups == 1:
+        return Conv3x3(features, use_bias=use_bias, name=name, dtype=dtype)
     p = kernel // 2
     return nn.Conv(features, (kernel, kernel), padding=((p, p), (p, p)), feature_group_count=groups,
                    use_bias=use_bias, name=name, dtype=dtype)

@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .layers import DownsampleConv, UpsampleConv
+from .layers import Conv3x3, DownsampleConv, UpsampleConv
 
 FAMILY = "kl"
 
@@ -81,10 +81,6 @@ PRESETS = {
                       scaling_factor=0.3611, shift_factor=0.1159),
     "flux2": KLConfig(latent_channels=32, scaling_factor=1.0, latent_batch_norm=True),
 }
-
-
-def conv3(features, name=None, dtype=jnp.float32):
-    return nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), name=name, dtype=dtype)
 
 
 def grouped(x, groups):
@@ -188,9 +184,9 @@ class ResnetBlock(nn.Module):
 
     def setup(self):
         self.norm1 = GroupNorm(self.groups, self.dtype)
-        self.conv1 = conv3(self.features, dtype=self.dtype)
+        self.conv1 = Conv3x3(self.features, dtype=self.dtype)
         self.norm2 = GroupNorm(self.groups, self.dtype)
-        self.conv2 = conv3(self.features, dtype=self.dtype)
+        self.conv2 = Conv3x3(self.features, dtype=self.dtype)
         self.conv_shortcut = nn.Conv(self.features, (1, 1), dtype=self.dtype)  # used where the width changes
 
     def __call__(self, x):
@@ -244,14 +240,14 @@ class Encoder(nn.Module):
     def __call__(self, x):  # (N, H, W, 3) in [-1, 1]
         c, dt = self.config, self.dtype
         widths, g = c.block_out_channels, c.norm_num_groups
-        x = conv3(widths[0], name="conv_in", dtype=dt)(x)  # (N, H, W, widths[0])
+        x = Conv3x3(widths[0], name="conv_in", dtype=dt)(x)  # (N, H, W, widths[0])
         for i, width in enumerate(widths):
             for j in range(c.layers_per_block):
                 x = ResnetBlock(width, g, name=f"down_{i}_resnet_{j}", dtype=dt)(x)
             if i < len(widths) - 1:  # PyTorch pads (0, 1, 0, 1) by hand, then a stride-2 3x3 conv
                 x = DownsampleConv(width, pad=0, name=f"down_{i}_downsample", dtype=dt)(x)  # half size
         x = MidBlock(widths[-1], g, c.mid_block_attention, self.attention_chunk, name="mid", dtype=dt)(x)
-        conv_out = conv3(2 * c.latent_channels, name="conv_out", dtype=dt)
+        conv_out = Conv3x3(2 * c.latent_channels, name="conv_out", dtype=dt)
         x = norm_act_conv(GroupNorm(g, dt, name="norm_out"), conv_out, x)  # (N, H/f, W/f, 2 * latent)
         if c.use_quant_conv:
             x = nn.Conv(2 * c.latent_channels, (1, 1), name="quant_conv", dtype=dt)(x)
@@ -271,13 +267,13 @@ class Decoder(nn.Module):
         widths, g = c.decoder_widths[::-1], c.norm_num_groups  # widest (lowest resolution) first
         if c.use_post_quant_conv:
             z = nn.Conv(c.latent_channels, (1, 1), name="post_quant_conv", dtype=dt)(z)
-        x = conv3(widths[0], name="conv_in", dtype=dt)(z)  # (N, h, w, widths[0])
+        x = Conv3x3(widths[0], name="conv_in", dtype=dt)(z)  # (N, h, w, widths[0])
         x = MidBlock(widths[0], g, c.mid_block_attention, self.attention_chunk, name="mid", dtype=dt)(x)
         # stage i: nearest 2x + conv (i > 0; PyTorch counts it as the end of the stage before), then ResNet blocks
         stages = [(UpsampleConv(widths[i - 1], name=f"up_{i - 1}_upsample", dtype=dt) if i else None,
                    [ResnetBlock(width, g, name=f"up_{i}_resnet_{j}", dtype=dt) for j in range(c.layers_per_block + 1)])
                   for i, width in enumerate(widths)]
-        norm_out, conv_out = GroupNorm(g, dt, name="norm_out"), conv3(3, name="conv_out", dtype=dt)
+        norm_out, conv_out = GroupNorm(g, dt, name="norm_out"), Conv3x3(3, name="conv_out", dtype=dt)
         for i, (upsample, blocks) in enumerate(stages):
             if self.in_bands(x.shape, widths, i):
                 return decode_in_bands(x, stages[i:], norm_out, conv_out, self.band_rows)

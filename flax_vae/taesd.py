@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .layers import DownsampleConv, UpsampleConv
+from .layers import Conv3x3, DownsampleConv, UpsampleConv
 
 FAMILY = "taesd"
 
@@ -57,10 +57,6 @@ PRESETS = {
 }
 
 
-def conv3(features, use_bias=True, name=None, dtype=jnp.float32):
-    return nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), use_bias=use_bias, name=name, dtype=dtype)
-
-
 class Block(nn.Module):
     features: int
     midblock_gn: bool = False
@@ -75,9 +71,9 @@ class Block(nn.Module):
             p = nn.GroupNorm(num_groups=4, epsilon=1e-5, use_fast_variance=False, name="pool_norm",
                              dtype=self.dtype)(p)
             x = x + nn.Conv(c, (1, 1), use_bias=False, name="pool_out", dtype=self.dtype)(nn.relu(p))
-        h = nn.relu(conv3(self.features, name="conv_0", dtype=self.dtype)(x))
-        h = nn.relu(conv3(self.features, name="conv_1", dtype=self.dtype)(h))
-        h = conv3(self.features, name="conv_2", dtype=self.dtype)(h)
+        h = nn.relu(Conv3x3(self.features, name="conv_0", dtype=self.dtype)(x))
+        h = nn.relu(Conv3x3(self.features, name="conv_1", dtype=self.dtype)(h))
+        h = Conv3x3(self.features, name="conv_2", dtype=self.dtype)(h)
         if c != self.features:
             x = nn.Conv(self.features, (1, 1), use_bias=False, name="skip", dtype=self.dtype)(x)
         return nn.relu(h + x)
@@ -94,13 +90,13 @@ class Encoder(nn.Module):
             x = nn.relu(DownsampleConv(w // 2, name="conv_in_0", dtype=dt)(x))  # (N, H/2, W/2, w/2)
             x = nn.relu(DownsampleConv(w, name="conv_in_1", dtype=dt)(x))  # (N, H/4, W/4, w)
         else:
-            x = conv3(w, name="conv_in", dtype=dt)(x)  # (N, H, W, w)
+            x = Conv3x3(w, name="conv_in", dtype=dt)(x)  # (N, H, W, w)
         x = Block(w, name="block_in", dtype=dt)(x)
         for s in range(3):
             x = DownsampleConv(w, use_bias=False, name=f"down_{s}", dtype=dt)(x)  # stride 2
             for b in range(c.depth):
                 x = Block(w, midblock_gn=c.midblock_gn and s == 2, name=f"blocks_{s}_{b}", dtype=dt)(x)
-        return conv3(c.latent_channels, name="conv_out", dtype=dt)(x)  # (N, H/f, W/f, latent)
+        return Conv3x3(c.latent_channels, name="conv_out", dtype=dt)(x)  # (N, H/f, W/f, latent)
 
 
 class Decoder(nn.Module):
@@ -112,13 +108,13 @@ class Decoder(nn.Module):
         c, dt = self.config, self.dtype
         widths = c.decoder_widths
         x = jnp.tanh(z / 3) * 3
-        x = nn.relu(conv3(widths[0], name="conv_in", dtype=dt)(x))  # (N, h, w, widths[0])
+        x = nn.relu(Conv3x3(widths[0], name="conv_in", dtype=dt)(x))  # (N, h, w, widths[0])
         for s in range(len(widths) - 1):
             for b in range(c.depth):
                 x = Block(widths[s], midblock_gn=c.midblock_gn and s == 0, name=f"blocks_{s}_{b}", dtype=dt)(x)
             x = UpsampleConv(widths[s + 1], use_bias=False, name=f"up_{s}", dtype=dt)(x)  # nearest 2x, conv
         x = Block(widths[-1], name="block_out", dtype=dt)(x)
-        return conv3(3, name="conv_out", dtype=dt)(x)  # (N, H, W, 3) in about [0, 1]
+        return Conv3x3(3, name="conv_out", dtype=dt)(x)  # (N, H, W, 3) in about [0, 1]
 
 
 class TAESD(nn.Module):
