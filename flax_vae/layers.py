@@ -14,9 +14,10 @@ class Conv3x3(nn.Module):
     (tiles, C) x (C, F) matrix products, transformed back. That is 16/36 of the multiply-adds, with the error of
     a direct convolution (measured 1e-6 relative to a float64 one, like XLA's). On this 2-core CPU, per call at
     batch 1: 128x128x512 0.40 s against XLA's 0.70 s, 256x256x256 0.52 s against 0.72 s, 64x64x512 0.105
-    against 0.119; at 512x512x128 the transforms' memory traffic eats the gain (0.73 against 0.77). The
-    transformed input and products take 4x the input's and output's memory, so `winograd=None` picks it where it
-    pays: CPU, both widths >= 256, at most 64 MiB of input per image, even height and width. GPUs keep cuDNN.
+    against 0.119, 32x32x512 0.022 against 0.035; below 16x16 its fixed costs lose (8x8x512: 10 ms against 4), and
+    at 512x512x128 the transforms' memory traffic eats the gain (0.73 against 0.77). The transformed input and
+    products take 4x the input's and output's memory, so `winograd=None` picks it where it pays: CPU, both widths
+    >= 256, at least 16x16 and at most 64 MiB of input per image, even height and width. GPUs keep cuDNN.
     """
     features: int
     use_bias: bool = True
@@ -39,11 +40,12 @@ class Conv3x3(nn.Module):
 
 def _winograd_pays(shape, features):
     _, h, w, c = shape
-    return (jax.default_backend() == "cpu" and min(c, features) >= 256 and h * w * c * 4 <= 2 ** 26
-            and h % 2 == 0 and w % 2 == 0)
+    return (jax.default_backend() == "cpu" and min(c, features) >= 256 and 16 * 16 <= h * w
+            and h * w * c * 4 <= 2 ** 26 and h % 2 == 0 and w % 2 == 0)
 
 
-_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))  # kernel transform
+def _kernel_transform(g0, g1, g2):  # G g, G = [[1,0,0], [1/2,1/2,1/2], [1/2,-1/2,1/2], [0,0,1]]
+    return g0, (g0 + g1 + g2) * 0.5, (g0 - g1 + g2) * 0.5, g2
 
 
 def _input_transform(d0, d1, d2, d3):  # B^T d, B^T = [[1,0,-1,0], [0,1,1,0], [0,-1,1,0], [0,1,0,-1]]
@@ -57,8 +59,8 @@ def _output_transform(m0, m1, m2, m3):  # A^T m, A^T = [[1,1,1,0], [0,1,-1,-1]]
 def _winograd(x, kernel, dtype):
     n, h, w, c = x.shape
     th, tw = h // 2, w // 2  # output tiles
-    g = jnp.asarray(_G, jnp.float32)
-    u = jnp.einsum("ai,bj,ijcf->abcf", g, g, kernel.astype(jnp.float32)).astype(dtype)  # (4, 4, C, F)
+    k = kernel.astype(jnp.float32)  # written out, not an einsum: XLA's CPU dot over 3 taps is slow
+    u = jnp.stack([jnp.stack(_kernel_transform(*r)) for r in _kernel_transform(*k)]).astype(dtype)  # (4, 4, C, F)
     xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))).reshape(n, h + 2, tw + 1, 2, c)
     # tile (i, j) reads padded rows 2i..2i+3 and columns 2j..2j+3: tap b of a column is phase b % 2 of pair j + b // 2
     cols = jnp.stack(_input_transform(*(xp[:, :, b // 2:b // 2 + tw, b % 2] for b in range(4))))  # (4, N, H+2, tw, C)

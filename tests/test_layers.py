@@ -30,7 +30,7 @@ def rel(a, b):
 
 @pytest.mark.parametrize("shape,features,winograd", [
     ((2, 6, 8, 5), 7, True),  # Winograd forced on a small layer
-    ((1, 4, 6, 256), 256, None),  # picked by the rule on CPU
+    ((1, 16, 18, 256), 256, None),  # picked by the rule on CPU
     ((1, 5, 6, 3), 4, None),  # odd height: XLA's convolution
 ])
 def test_conv3x3_matches_torch(shape, features, winograd):
@@ -46,6 +46,7 @@ def test_conv3x3_winograd_rule():
     assert not _winograd_pays((1, 512, 512, 128), 128)  # narrow: the transforms' traffic eats the gain
     assert not _winograd_pays((1, 256, 256, 512), 512)  # 128 MiB per image: 4x that in transformed tiles
     assert not _winograd_pays((1, 64, 63, 512), 512)  # odd width: no 2x2 tiles
+    assert not _winograd_pays((1, 8, 8, 512), 512)  # too small: fixed costs
 
 
 def test_conv3x3_winograd_gradients_match():
