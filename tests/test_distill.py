@@ -66,7 +66,7 @@ def test_smoke_distillation_learns_and_exports(smoke):
 
 
 def test_resume_reaches_the_uninterrupted_parameters(folders, tmp_path):
-    kw = dict(steps=6, adversarial=0.1, gradient_loss=0.5)  # the discriminator's state too
+    kw = dict(steps=6, adversarial=0.1, gradient_loss=0.5, optimizer="muon")  # discriminator and Muon states too
     whole = distill.distill(config(folders, tmp_path / "whole", **kw))
     distill.distill(config(folders, tmp_path / "parts", until=3, **kw))  # "killed" mid-pool, after step 3
     assert not (tmp_path / "parts" / "export").exists()
@@ -115,9 +115,17 @@ def test_bad_inputs(folders, tmp_path):
         distill.Distiller(config(folders, tmp_path / "r", student=str(wrong)))
     with pytest.raises(ValueError, match="factor 32 does not match"):
         distill.Distiller(config(folders, tmp_path / "r", student="taesd-f32"))
+    with pytest.raises(ValueError, match="--optimizer 'sgd': adamw or muon"):
+        distill.Distiller(config(folders, tmp_path / "r", optimizer="sgd"))
     with pytest.raises(ValueError, match="cannot take the teacher's weights"):
         distill.Distiller(config(folders, tmp_path / "r", init="teacher")).init_state()
     assert not (tmp_path / "r").exists()  # nothing written for a run that cannot start
+
+
+def test_divergence_stops_the_run(folders, tmp_path):
+    with pytest.raises(FloatingPointError, match="diverged: lower --lr"):
+        distill.distill(config(folders, tmp_path / "r", steps=8, lr=1e9, clip=1e9))
+    assert not (tmp_path / "r" / "export").exists()
 
 
 def test_incompatible_resume_and_occupied_folder_are_refused(folders, smoke, tmp_path):

@@ -15,7 +15,7 @@ def torch_conv(x, kernel, bias, stride=1, pad=(1, 1, 1, 1), upsample=False):
         t = torch.nn.functional.interpolate(t, scale_factor=2, mode="nearest")
     t = torch.nn.functional.pad(t, pad)
     w = torch.from_numpy(np.asarray(kernel)).permute(3, 2, 0, 1)
-    out = torch.nn.functional.conv2d(t, w, None if bias is None else torch.from_numpy(np.asarray(bias)), stride)
+    out = torch.nn.functional.conv2d(t, w, torch.from_numpy(np.asarray(bias)), stride)
     return out.permute(0, 2, 3, 1).numpy()
 
 
@@ -28,12 +28,13 @@ def rel(a, b):
     return float(np.abs(np.asarray(a) - b).max() / np.abs(b).max())
 
 
-@pytest.mark.parametrize("shape,features,winograd", [
-    ((2, 6, 8, 5), 7, True),  # Winograd forced on a small layer
-    ((1, 16, 18, 256), 256, None),  # picked by the rule on CPU
-    ((1, 5, 6, 3), 4, None),  # odd height: XLA's convolution
+@pytest.mark.parametrize("shape,features,winograd,uses_winograd", [
+    ((2, 6, 8, 5), 7, True, True),  # Winograd forced on a small layer
+    ((1, 16, 18, 256), 256, None, True),  # picked by the rule on CPU
+    ((1, 5, 6, 3), 4, None, False),  # odd height: XLA's convolution
 ])
-def test_conv3x3_matches_torch(shape, features, winograd):
+def test_conv3x3_matches_torch(shape, features, winograd, uses_winograd):
+    assert (winograd if winograd is not None else _winograd_pays(shape, features)) == uses_winograd
     x = jnp.asarray(np.random.default_rng(1).standard_normal(shape), jnp.float32)
     module = Conv3x3(features, winograd=winograd)
     p = params_for(module, x)["params"]

@@ -46,6 +46,7 @@ class Config:
     steps: int = 2000
     batch_size: int = 8
     crop: str = "128"  # a crop size, or a schedule "64,96@300,128@600" (size@first step)
+    optimizer: str = "adamw"  # or "muon": orthogonalised momentum for the conv kernels, AdamW for the rest
     lr: float = 1e-3
     warmup: int = 50  # linear warm-up steps (at most half the steps), then cosine decay to lr / 100
     weight_decay: float = 0.0
@@ -146,10 +147,18 @@ class Distiller:
             raise ValueError(f"--crop and --eval-size must be multiples of the factor {factor}")
         self.student = flax_vae.TAESD(self.student_config)
         self.disc = PatchDiscriminator()
-        self.optimizer = optax.chain(optax.clip_by_global_norm(cfg.clip), optax.adamw(
-            optax.warmup_cosine_decay_schedule(0.0, cfg.lr, min(cfg.warmup, cfg.steps // 2), cfg.steps,
-                                              cfg.lr * 0.01),
-            weight_decay=cfg.weight_decay))
+        lr = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, min(cfg.warmup, cfg.steps // 2), cfg.steps,
+                                                cfg.lr * 0.01)
+        if cfg.optimizer == "adamw":
+            optimizer = optax.adamw(lr, weight_decay=cfg.weight_decay)
+        elif cfg.optimizer == "muon":
+            kernels = lambda params: jax.tree.map(lambda p: optax.contrib.MuonDimensionNumbers((0, 1, 2), 3)
+                                                  if p.ndim == 4 else None, params)
+            optimizer = optax.contrib.muon(lr, weight_decay=cfg.weight_decay, adam_weight_decay=cfg.weight_decay,
+                                           muon_weight_dimension_numbers=kernels, consistent_rms=0.2)
+        else:
+            raise ValueError(f"--optimizer {cfg.optimizer!r}: adamw or muon")
+        self.optimizer = optax.chain(optax.clip_by_global_norm(cfg.clip), optimizer)
         self.disc_optimizer = optax.adam(cfg.lr * 0.5, b1=0.5)
         same, rows = parallel.replicated_sharding(self.mesh), parallel.batch_sharding(self.mesh)
         self.train_step = jax.jit(self._train_step, in_shardings=(same, rows), out_shardings=(same, same),
@@ -233,6 +242,7 @@ class Distiller:
     def _train_step(self, state, batch):
         (loss, metrics), grads = jax.value_and_grad(self._losses, has_aux=True)(state["params"], state, batch)
         updates, opt = self.optimizer.update(grads, state["opt"], state["params"])
+        metrics["update_norm"] = optax.global_norm(updates)
         params = optax.apply_updates(state["params"], updates)
         decay = jnp.minimum(self.cfg.ema, (1.0 + state["step"]) / (10.0 + state["step"]))
         ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state["ema"], params)
@@ -361,6 +371,10 @@ def distill(cfg: Config, resume: bool = False) -> dict:
         state, metrics = d.train_step(state, d.batch(pool, step))
         metrics = {k: float(v) for k, v in metrics.items()}
         done = step + 1
+        if not np.isfinite(metrics["loss"] + metrics["update_norm"]):  # stop before a diverged state is saved
+            raise FloatingPointError(f"step {done}: loss {metrics['loss']}, update norm {metrics['update_norm']} "
+                                     f"(diverged: lower --lr); the checkpoints so far are kept (latest: step "
+                                     f"{manager.latest_step()})")
         for k, v in metrics.items():
             writer.add_scalar(f"train/{k}", v, done)
         if done % cfg.eval_every == 0 or done == stop:
