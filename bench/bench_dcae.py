@@ -42,7 +42,7 @@ def torch_model(config):
     import torch
     from diffusers import AutoencoderDC
 
-    from convert.dcae import diffusers_config
+    from flax_vae.convert.dcae import diffusers_config
     torch.manual_seed(SEED)
     cfg = {k: v for k, v in diffusers_config(config).items() if not k.startswith("_")}
     model = AutoencoderDC(**cfg).eval()
@@ -70,7 +70,7 @@ def worker(lib, op, dtype, reps):
         import jax.numpy as jnp
 
         import flax_vae
-        from convert.dcae import from_diffusers
+        from flax_vae.convert.dcae import from_diffusers
         from flax_vae.dcae import DCAE
         c = config()
         params = from_diffusers({k: v.numpy() for k, v in model.state_dict().items()}, c)
@@ -136,7 +136,7 @@ def tiling_table(args):
     """PSNR (dB) of tiled against untiled DC-AE outputs on the bundled photos (random weights: this measures
     the tiling mechanism against a model with global attention, not reconstruction quality)."""
     import flax_vae
-    from convert.dcae import from_diffusers
+    from flax_vae.convert.dcae import from_diffusers
     from flax_vae.dcae import DCAE
     from flax_vae.images import BUNDLED_PHOTOS, read_image
     c = config(args.divisor)

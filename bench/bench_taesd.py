@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from diffusers import AutoencoderTiny
 
-import convert
+from flax_vae import convert
 import flax_vae
-from convert.rules import from_flax
+from flax_vae.convert.rules import from_flax
 
 DTYPES = {"float32": (jnp.float32, torch.float32), "bfloat16": (jnp.bfloat16, torch.bfloat16)}
 

@@ -2,12 +2,11 @@
 from pathlib import Path
 
 from . import dcae, kl, native, taesd
-from .checkpoint import CheckpointError, read_json, read_tensors, write_json, write_safetensors
+from .checkpoint import CHECKPOINT_SUFFIXES, CheckpointError, read_json, read_tensors, write_json, write_safetensors
 from .rules import from_flax
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
                 "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin")
-TENSOR_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 FAMILIES = {"taesd": taesd, "kl": kl, "dcae": dcae}
 DIFFUSERS_CLASSES = {"AutoencoderTiny": taesd, "AutoencoderKL": kl, "AutoencoderKLFlux2": kl, "AutoencoderDC": dcae}
 
@@ -57,7 +56,7 @@ def _from_taesd_parts(parts, where, hint):
 def _find_pair(folder):
     files = {}
     for part in taesd.PARTS:
-        found = sorted(p for p in folder.iterdir() if part in p.name and p.suffix in TENSOR_SUFFIXES)
+        found = sorted(p for p in folder.iterdir() if part in p.name and p.suffix in CHECKPOINT_SUFFIXES)
         if len(found) > 1:
             raise CheckpointError(f"{folder}: several {part} files, name one with {part}=: "
                                   + ", ".join(p.name for p in found))

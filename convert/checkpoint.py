@@ -15,7 +15,8 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model; the message names file and keys."""
 
 
-TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")  # pickles: read with torch's restricted unpickler only
+CHECKPOINT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)
 
 
 def read_tensors(path) -> dict[str, np.ndarray]:
@@ -29,11 +30,6 @@ def read_tensors(path) -> dict[str, np.ndarray]:
         return _read_torch(path)
     raise CheckpointError(f"{path}: unknown checkpoint type {path.suffix!r} (expected .safetensors or "
                           f"{', '.join(TORCH_SUFFIXES)})")
-
-
-def read_metadata(path) -> dict[str, str]:
-    with safetensors.safe_open(str(path), framework="flax") as f:
-        return f.metadata() or {}
 
 
 def _read_safetensors(path):
@@ -76,15 +72,17 @@ def _torch_to_numpy(t):
     return t.numpy()
 
 
-def write_safetensors(path, tensors: dict, metadata: dict[str, str] | None = None):
-    """Atomically write tensors (numpy or jax arrays, any float dtype incl. bfloat16)."""
+def write_atomic(path, data: bytes):
+    """Write `data` to `path` so that readers (and a crash at any moment) see the old file or the new one, whole:
+    a temporary sibling, flushed to disk, renamed into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {k: jnp.asarray(v) for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
     try:
-        safetensors.flax.save_file(arrays, tmp, metadata=metadata)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
@@ -92,11 +90,14 @@ def write_safetensors(path, tensors: dict, metadata: dict[str, str] | None = Non
         raise
 
 
+def write_safetensors(path, tensors: dict, metadata: dict[str, str] | None = None):
+    """Atomically write tensors (numpy or jax arrays, any float dtype incl. bfloat16)."""
+    write_atomic(path, safetensors.flax.save({k: jnp.asarray(v) for k, v in tensors.items()}, metadata=metadata))
+
+
 def write_json(path, obj):
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    """Atomically write `obj` as indented JSON with sorted keys."""
+    write_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def read_json(path) -> dict:
@@ -106,5 +107,5 @@ def read_json(path) -> dict:
         raise CheckpointError(f"{path}: unreadable JSON: {e}") from None
 
 
-__all__ = ["CheckpointError", "read_tensors", "read_metadata", "write_safetensors", "read_json", "write_json",
-           "TORCH_SUFFIXES"]
+__all__ = ["CheckpointError", "read_tensors", "write_atomic", "write_safetensors", "read_json", "write_json",
+           "TORCH_SUFFIXES", "CHECKPOINT_SUFFIXES"]

@@ -11,10 +11,10 @@ Both: BatchNorm `num_batches_tracked` counters are training state; they are drop
 import dataclasses
 import functools
 
-import jax
 import numpy as np
 
-from flax_vae.dcae import PRESETS, DCAEConfig, init_params
+from flax_vae.dcae import PRESETS, DCAEConfig
+from flax_vae.family import param_shapes
 
 from .checkpoint import CheckpointError
 from .rules import LAYOUTS, Rule, flatten, from_flax, to_flax
@@ -102,7 +102,7 @@ def mit_rules(config: DCAEConfig):
 
 @functools.lru_cache(maxsize=16)  # tracing a full f128c512 takes seconds; configs are hashable
 def expected_shapes(config: DCAEConfig) -> dict:
-    return {k: v.shape for k, v in flatten(jax.eval_shape(lambda: init_params(config))).items()}
+    return {k: v.shape for k, v in flatten(param_shapes(config)).items()}
 
 
 # ---- tensor-level differences between the formats and our parameters

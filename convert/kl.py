@@ -13,10 +13,10 @@ import dataclasses
 import functools
 import re
 
-import jax
 import numpy as np
 
-from flax_vae.kl import PRESETS, KLConfig, init_params
+from flax_vae.family import param_shapes
+from flax_vae.kl import PRESETS, KLConfig
 
 from .checkpoint import CheckpointError
 from .rules import Rule, flatten, from_flax, to_flax
@@ -80,7 +80,7 @@ def _modules(config: KLConfig, ldm: bool):
 
 @functools.lru_cache(maxsize=None)
 def expected_shapes(config: KLConfig) -> dict:
-    tree = jax.eval_shape(lambda: init_params(config))
+    tree = param_shapes(config)
     return {k: tuple(v.shape) for k, v in flatten(tree).items()}
 
 

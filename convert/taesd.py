@@ -6,9 +6,9 @@ diffusers:   `AutoencoderTiny` - `encoder.layers.{i}` = madebyollin encoder `{i}
 """
 import re
 
-import jax
 
-from flax_vae.taesd import PRESETS, TAESDConfig, init_params
+from flax_vae.family import param_shapes
+from flax_vae.taesd import LATENT_MAGNITUDE, LATENT_SHIFT, PRESETS, TAESDConfig
 
 from .checkpoint import CheckpointError
 from .rules import Rule, flatten, from_flax, to_flax
@@ -42,7 +42,7 @@ def sequential_layout(config: TAESDConfig, part: str) -> list[str | None]:
 
 
 def expected_shapes(config: TAESDConfig, part: str) -> dict:
-    tree = jax.eval_shape(lambda: init_params(config))
+    tree = param_shapes(config)
     return {k: v.shape for k, v in flatten(tree[part]).items()}
 
 
@@ -171,7 +171,7 @@ def diffusers_config(config: TAESDConfig) -> dict:
         "encoder_block_out_channels": [w] * 4, "decoder_block_out_channels": [w] * 4,
         "num_encoder_blocks": [1, d, d, d], "num_decoder_blocks": [d, d, d, 1],
         "latent_channels": config.latent_channels, "act_fn": "relu", "upsample_fn": "nearest",
-        "upsampling_scaling_factor": 2, "latent_magnitude": 3, "latent_shift": 0.5, "force_upcast": False,
+        "upsampling_scaling_factor": 2, "latent_magnitude": LATENT_MAGNITUDE, "latent_shift": LATENT_SHIFT, "force_upcast": False,
         "scaling_factor": config.scaling_factor, "shift_factor": config.shift_factor,
     }
 

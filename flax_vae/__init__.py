@@ -11,7 +11,7 @@ from .tiling import Tiling
 from .taesd import PRESETS as TAESD_PRESETS
 from .taesd import TAESD, TAESDConfig
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["load", "save", "encode_fn", "decode_fn", "Autoencoder", "pack_uint8", "unpack_uint8",
            "crop_to_multiple", "TAESD", "TAESDConfig", "TAESD_PRESETS", "BUNDLED",
            "posterior_fn", "scale_latents_fn", "unscale_latents_fn", "AutoencoderKL", "KLConfig", "KL_PRESETS",

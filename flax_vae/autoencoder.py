@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import tiling
+from . import taesd, tiling
 
 
 def encode_fn(module: nn.Module, params, images, key=None):
@@ -73,14 +73,13 @@ class Autoencoder:
             encode = functools.partial(_encode, self.module, self.params)
             return self._finite(tiling.tiled_encode(encode, self._images(images), as_tiling(tile), self.factor),
                                 "encode")
-        if key is not None and not hasattr(self.module, "posterior"):
-            raise ValueError(f"{self.config.family} encoders are deterministic: there is no posterior to sample")
+        if key is not None:
+            self._require_posterior()
         return self._finite(_encode(self.module, self.params, jnp.asarray(self._images(images)), key=key), "encode")
 
     def posterior(self, images):
         """The posterior's (mean, logvar), each (N, H/f, W/f, C) (families with one: KL)."""
-        if not hasattr(self.module, "posterior"):
-            raise ValueError(f"{self.config.family} encoders are deterministic: they have no posterior")
+        self._require_posterior()
         return self._finite(_posterior(self.module, self.params, jnp.asarray(self._images(images))), "encode")
 
     def decode(self, latents, tile=None):
@@ -124,6 +123,11 @@ class Autoencoder:
         raise FloatingPointError(f"{what}: {self!r} produced NaN or infinite values "
                                  f"({jnp.dtype(self.dtype).name} compute); {fix}")
 
+    def _require_posterior(self):
+        if not self.config.has_posterior:
+            raise ValueError(f"{self.config.family} encoders are deterministic: they have no posterior to return "
+                             "or sample")
+
     def _require(self, part):
         if part not in self.params:
             raise ValueError(f"this {self.name} model was loaded without its {part}")
@@ -155,12 +159,14 @@ def _checked(x, what, channels):
 
 
 def pack_uint8(latents):
-    """TAESD's 8-bit packing of raw latents: clip(z / 6 + 0.5, 0, 1) as uint8 (what madebyollin stores as PNG)."""
-    return jnp.round(jnp.clip(latents / 6 + 0.5, 0, 1) * 255).astype(jnp.uint8)
+    """TAESD's 8-bit packing of raw latents (what madebyollin stores as PNG): [-3, 3] -> uint8 [0, 255], clamped."""
+    unit = latents / (2 * taesd.LATENT_MAGNITUDE) + taesd.LATENT_SHIFT
+    return jnp.round(jnp.clip(unit, 0, 1) * 255).astype(jnp.uint8)
 
 
 def unpack_uint8(packed):
-    return (jnp.asarray(packed, jnp.float32) / 255 - 0.5) * 6
+    """The inverse of `pack_uint8` (to 1/255 of the range): uint8 -> float32 raw latents in [-3, 3]."""
+    return (jnp.asarray(packed, jnp.float32) / 255 - taesd.LATENT_SHIFT) * (2 * taesd.LATENT_MAGNITUDE)
 
 
 def crop_to_multiple(images, factor: int):

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import convert
+from flax_vae import convert
 
 from . import encode_dataset, loading
 from .images import BUNDLED_PHOTOS, psnr, read_image, save_grid
@@ -168,7 +168,7 @@ def main(argv=None):
                    "(options: flax-vae distill --help; the recipe: train/README.md)")
     args, rest = parser.parse_known_args(argv)
     if args.command == "distill":
-        from train import distill  # imported here: orbax and TensorBoard load for this command only
+        from flax_vae.train import distill  # imported here: orbax and TensorBoard load for this command only
         return distill.main(rest, prog="flax-vae distill")
     args = parser.parse_args(argv)
     try:

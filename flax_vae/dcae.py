@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .layers import Conv3x3, DownsampleConv, UpsampleConv
+from .layers import Conv3x3, DownsampleConv, UpsampleConv, pixel_shuffle, pixel_unshuffle
 
 FAMILY = "dcae"
 BLOCKS = ("res", "vit")  # residual conv block, EfficientViT block
@@ -89,6 +89,10 @@ class DCAEConfig:
     @property
     def family(self) -> str:
         return FAMILY
+
+    @property
+    def has_posterior(self) -> bool:
+        return False
 
     @property
     def factor(self) -> int:
@@ -162,18 +166,6 @@ class DepthwiseConv(nn.Module):
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (c,)).astype(self.dtype)
         return y
-
-
-def pixel_unshuffle(x):  # (N, H, W, C) -> (N, H/2, W/2, 4C), channel c*4 + dy*2 + dx as in PyTorch
-    n, h, w, c = x.shape
-    x = x.reshape(n, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 5, 2, 4)
-    return x.reshape(n, h // 2, w // 2, 4 * c)
-
-
-def pixel_shuffle(x):  # (N, h, w, 4C) -> (N, 2h, 2w, C), the inverse of pixel_unshuffle
-    n, h, w, c4 = x.shape
-    x = x.reshape(n, h, w, c4 // 4, 2, 2).transpose(0, 1, 4, 2, 5, 3)
-    return x.reshape(n, 2 * h, 2 * w, c4 // 4)
 
 
 def channel_mean(x, groups):  # mean over runs of consecutive channels: (..., groups * g) -> (..., groups)
@@ -401,7 +393,4 @@ class DCAE(nn.Module):
         return self.decode(self.encode(images))
 
 
-def init_params(config: DCAEConfig, rng=None):
-    """Random parameters of the right shapes (for tests and shape checks)."""
-    rng = jax.random.PRNGKey(0) if rng is None else rng
-    return DCAE(config).init(rng, jnp.zeros((1, config.factor, config.factor, 3)))["params"]
+Module = DCAE  # the family contract (flax_vae.family)

@@ -41,6 +41,8 @@ from tqdm import tqdm
 
 from . import parallel
 from .autoencoder import Autoencoder, encode_fn, posterior_fn
+from .layers import sample_gaussian
+from .convert.checkpoint import write_atomic
 from .dataset import Loaded, Preprocessing, discover, load_in_parallel
 from .loading import load
 
@@ -202,7 +204,7 @@ def _check_model(vae, resolution, buckets, bucket_step, logvar, sample):
                          f"multiples of the model's factor {f}")
     if buckets and resolution % bucket_step:
         raise ValueError(f"resolution {resolution} must be a multiple of the bucket step {bucket_step}")
-    if (logvar or sample) and not hasattr(vae.module, "posterior"):
+    if (logvar or sample) and not vae.config.has_posterior:
         raise ValueError(f"{vae.config.family} encoders are deterministic: no logvar or samples to store")
 
 
@@ -233,7 +235,7 @@ def _claim(output: Path, job: dict):
             raise ValueError(f"output {output} holds a different job (differs in: {', '.join(differ)}); "
                              f"use a new output folder, or the original settings and inputs to resume it")
     else:
-        _write_atomic(path, json.dumps(job, indent=1).encode())
+        write_atomic(path, json.dumps(job, indent=1).encode())
 
 
 def _unit_done(output: Path, unit: int) -> bool:
@@ -249,13 +251,13 @@ def _encode_batch(module, stored: tuple, seed: int, params, pixels, indices):
     """A full batch of uint8 pixels (and the images' indices) -> the stored arrays, float32, sharded as the batch.
     At module level: one compilation per model, settings and image size serves every run in a process."""
     images = pixels.astype(jnp.float32) / 127.5 - 1
-    if not hasattr(module, "posterior"):
+    if not module.config.has_posterior:
         return {"latents": encode_fn(module, params, images).astype(jnp.float32)}
     mean, logvar = posterior_fn(module, params, images)
     out = dict(latents=mean, logvar=logvar)
     if "samples" in stored:  # one key per image: a sample does not depend on batching or devices
         normal = lambda i: jax.random.normal(jax.random.fold_in(jax.random.key(seed), i), mean.shape[1:], mean.dtype)
-        out["samples"] = mean + jnp.exp(0.5 * logvar) * jax.vmap(normal)(indices)
+        out["samples"] = sample_gaussian(mean, logvar, jax.vmap(normal)(indices))
     return {k: out[k].astype(jnp.float32) for k in stored}
 
 
@@ -293,11 +295,11 @@ def _write_unit(output: Path, unit: int, batches, skipped):
             tensors[f"{name}/{k}"] = np.concatenate([a[k] for a in arrays])
         keys[name] = [r.key for r in rows]
     data = safetensors.numpy.save(tensors, {"keys": json.dumps(keys)})  # one entry: its order is fixed
-    _write_atomic(output / f"{shard_name(unit)}.safetensors", data)
+    write_atomic(output / f"{shard_name(unit)}.safetensors", data)
     record = dict(unit=unit, file=f"{shard_name(unit)}.safetensors", sha256=hashlib.sha256(data).hexdigest(),
                   images=sum(len(rows) for rows, _ in groups.values()),
                   sizes={f"{h}x{w}": len(rows) for (h, w), (rows, _) in sorted(groups.items())}, skipped=skipped)
-    _write_atomic(output / f"{shard_name(unit)}.json", json.dumps(record).encode())
+    write_atomic(output / f"{shard_name(unit)}.json", json.dumps(record).encode())
 
 
 def _write_manifest(output: Path, job: dict, units: int, unreadable: list[dict], sources: dict) -> dict:
@@ -308,7 +310,7 @@ def _write_manifest(output: Path, job: dict, units: int, unreadable: list[dict],
             raise RuntimeError(f"{path} is missing after every process finished: run the job again")
         records.append(json.loads(path.read_text()))
     skipped = unreadable + [s for r in records for s in r["skipped"]]
-    _write_atomic(output / "skipped.jsonl", "".join(json.dumps(s) + "\n" for s in skipped).encode())
+    write_atomic(output / "skipped.jsonl", "".join(json.dumps(s) + "\n" for s in skipped).encode())
     config = job["model"]["config"]
     encoded = sum(r["images"] for r in records)
     manifest = dict(job, sources=sources,
@@ -318,18 +320,8 @@ def _write_manifest(output: Path, job: dict, units: int, unreadable: list[dict],
                                 skipped=sum(len(r["skipped"]) for r in records),
                                 unreadable_tar_files=len(unreadable), shards=units),
                     shards=[{k: r[k] for k in ("file", "sha256", "images", "sizes")} for r in records])
-    _write_atomic(output / "manifest.json", json.dumps(manifest, indent=1).encode())
+    write_atomic(output / "manifest.json", json.dumps(manifest, indent=1).encode())
     return manifest
-
-
-def _write_atomic(path: Path, data: bytes):
-    """Write under a temporary name, flush to disk, rename into place: readers see the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _sha256(path) -> str:

@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .layers import Conv3x3, DownsampleConv, UpsampleConv
+from .layers import Conv3x3, DownsampleConv, UpsampleConv, pixel_shuffle, pixel_unshuffle, sample_gaussian
 
 FAMILY = "kl"
 
@@ -61,6 +61,10 @@ class KLConfig:
     @property
     def family(self) -> str:
         return FAMILY
+
+    @property
+    def has_posterior(self) -> bool:
+        return True
 
     @property
     def factor(self) -> int:
@@ -430,18 +434,6 @@ class LatentBatchNorm(nn.Module):
         return z * std.astype(z.dtype) + mean.astype(z.dtype)
 
 
-def patchify(z):  # (N, h, w, C) -> (N, h/2, w/2, 4C), channel c*4 + dy*2 + dx
-    n, h, w, c = z.shape
-    z = z.reshape(n, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 5, 2, 4)
-    return z.reshape(n, h // 2, w // 2, 4 * c)
-
-
-def unpatchify(z):  # inverse of patchify
-    n, h, w, c4 = z.shape
-    z = z.reshape(n, h, w, c4 // 4, 2, 2).transpose(0, 1, 4, 2, 5, 3)
-    return z.reshape(n, 2 * h, 2 * w, c4 // 4)
-
-
 class AutoencoderKL(nn.Module):
     """diffusers' convention at the boundary: images in [-1, 1]; raw latents (use scale_latents for diffusion)."""
     config: KLConfig
@@ -472,7 +464,7 @@ class AutoencoderKL(nn.Module):
         mean, logvar = self.posterior(images)
         if key is None:
             return mean
-        return mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
+        return sample_gaussian(mean, logvar, jax.random.normal(key, mean.shape, mean.dtype))
 
     def decode(self, latents):
         return self.decoder(latents.astype(self.dtype))
@@ -481,7 +473,7 @@ class AutoencoderKL(nn.Module):
         """Raw latents -> the diffusion model's latent space, as diffusers' pipelines do it."""
         c = self.config
         if c.latent_batch_norm:
-            z = self.latent_norm.normalize(patchify(z))  # (N, h/2, w/2, 4 * latent)
+            z = self.latent_norm.normalize(pixel_unshuffle(z))  # (N, h/2, w/2, 4 * latent)
         if c.latents_mean is not None:
             mean, std = jnp.asarray(c.latents_mean, z.dtype), jnp.asarray(c.latents_std, z.dtype)
             return (z - mean) * c.scaling_factor / std
@@ -495,15 +487,11 @@ class AutoencoderKL(nn.Module):
         else:
             z = z / c.scaling_factor + c.shift_factor
         if c.latent_batch_norm:
-            z = unpatchify(self.latent_norm.denormalize(z))
+            z = pixel_shuffle(self.latent_norm.denormalize(z))
         return z
 
     def __call__(self, images):  # a round trip through the diffusion latent space (touches every parameter)
         return self.decode(self.unscale_latents(self.scale_latents(self.encode(images))))
 
 
-def init_params(config: KLConfig, rng=None, resolution: int = 64):
-    """Random parameters of the right shapes (for tests and shape checks)."""
-    rng = jax.random.PRNGKey(0) if rng is None else rng
-    x = jnp.zeros((1, resolution, resolution, 3))
-    return AutoencoderKL(config).init(rng, x)["params"]
+Module = AutoencoderKL  # the family contract (flax_vae.family)

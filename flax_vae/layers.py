@@ -153,3 +153,20 @@ def _phase_taps(pad, phase):
     first = (pad + phase) % 2
     offsets = [(a - pad - phase) // 2 for a in range(first, 3, 2)]
     return slice(first, 3, 2), (max(0, -offsets[0]), max(0, offsets[-1]))
+
+
+def pixel_unshuffle(x):  # (N, H, W, C) -> (N, H/2, W/2, 4C), channel c*4 + dy*2 + dx as PyTorch's
+    n, h, w, c = x.shape
+    x = x.reshape(n, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 5, 2, 4)
+    return x.reshape(n, h // 2, w // 2, 4 * c)
+
+
+def pixel_shuffle(x):  # (N, h, w, 4C) -> (N, 2h, 2w, C), the inverse of pixel_unshuffle
+    n, h, w, c4 = x.shape
+    x = x.reshape(n, h, w, c4 // 4, 2, 2).transpose(0, 1, 4, 2, 5, 3)
+    return x.reshape(n, 2 * h, 2 * w, c4 // 4)
+
+
+def sample_gaussian(mean, logvar, noise):
+    """A sample of the diagonal Gaussian (mean, logvar) from standard normal `noise` of the same shape."""
+    return mean + jnp.exp(0.5 * logvar) * noise

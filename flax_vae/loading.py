@@ -4,7 +4,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-import convert
+from flax_vae import convert
 
 from .autoencoder import Autoencoder
 from .dcae import DCAE

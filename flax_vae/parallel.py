@@ -103,15 +103,13 @@ class DataParallel:
         elif key is None:
             out = self._call("encode")(images)
         else:
-            if not hasattr(self.vae.module, "posterior"):
-                raise ValueError(f"{self.vae.config.family} encoders are deterministic: there is no posterior")
+            self.vae._require_posterior()
             out = self._call("sample", key)(images)
         return self.vae._finite(out, "encode")
 
     def posterior(self, images):
         """As `Autoencoder.posterior`, on this process's rows."""
-        if not hasattr(self.vae.module, "posterior"):
-            raise ValueError(f"{self.vae.config.family} encoders are deterministic: they have no posterior")
+        self.vae._require_posterior()
         return self.vae._finite(self._call("posterior")(self.vae._images(images)), "encode")
 
     def decode(self, latents, tile=None):

@@ -12,12 +12,15 @@ import dataclasses
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from .layers import Conv3x3, DownsampleConv, UpsampleConv
 
 FAMILY = "taesd"
+# Latents live in about [-LATENT_MAGNITUDE, LATENT_MAGNITUDE]: the decoder soft-clamps them there (tanh), and
+# madebyollin's 8-bit packing maps them to z / (2 * LATENT_MAGNITUDE) + LATENT_SHIFT in [0, 1].
+LATENT_MAGNITUDE = 3
+LATENT_SHIFT = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +42,10 @@ class TAESDConfig:
     @property
     def family(self) -> str:
         return FAMILY
+
+    @property
+    def has_posterior(self) -> bool:
+        return False
 
     @property
     def decoder_widths(self) -> tuple[int, ...]:
@@ -107,7 +114,7 @@ class Decoder(nn.Module):
     def __call__(self, z):  # (N, h, w, latent)
         c, dt = self.config, self.dtype
         widths = c.decoder_widths
-        x = jnp.tanh(z / 3) * 3
+        x = jnp.tanh(z / LATENT_MAGNITUDE) * LATENT_MAGNITUDE
         x = nn.relu(Conv3x3(widths[0], name="conv_in", dtype=dt)(x))  # (N, h, w, widths[0])
         for s in range(len(widths) - 1):
             for b in range(c.depth):
@@ -142,8 +149,4 @@ class TAESD(nn.Module):
         return self.decode(self.encode(images))
 
 
-def init_params(config: TAESDConfig, rng=None, resolution: int = 64):
-    """Random parameters of the right shapes (for tests, distillation and shape checks)."""
-    rng = jax.random.PRNGKey(0) if rng is None else rng
-    x = jnp.zeros((1, resolution, resolution, 3))
-    return TAESD(config).init(rng, x)["params"]
+Module = TAESD  # the family contract (flax_vae.family)

@@ -14,10 +14,10 @@ import torch
 from conftest import max_abs_rel
 from diffusers import AutoencoderDC
 
-import convert
+from flax_vae import convert
 import flax_vae
-from convert import dcae as cdcae
-from convert.checkpoint import CheckpointError
+from flax_vae.convert import dcae as cdcae
+from flax_vae.convert.checkpoint import CheckpointError
 from flax_vae.dcae import DCAE, PRESETS
 
 TOL = 1e-4

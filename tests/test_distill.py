@@ -8,7 +8,7 @@ from PIL import Image
 
 import flax_vae
 from flax_vae.images import BUNDLED_PHOTOS
-from train import distill, students
+from flax_vae.train import distill, students
 
 # Teacher: the bundled TAESD (classic layout, so a diffusers export exists); student: 8 channels, 1 block per stage.
 TINY = dict(teacher="taesd", crop="32", batch_size=8, pool_size=16, pool_reuse=2, eval_size=32, eval_every=4,

@@ -11,9 +11,9 @@ import pytest
 import torch
 from conftest import DATA
 
-import convert
+from flax_vae import convert
 import flax_vae
-from convert.checkpoint import CheckpointError, read_tensors, write_safetensors
+from flax_vae.convert.checkpoint import CheckpointError, read_tensors, write_safetensors
 from flax_vae.loading import BUNDLED, WEIGHTS_DIR
 
 X = np.random.default_rng(0).uniform(-1, 1, (2, 64, 64, 3)).astype(np.float32)

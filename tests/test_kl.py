@@ -17,7 +17,7 @@ from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
 from safetensors.torch import save_file
 
 import flax_vae
-from convert import CheckpointError
+from flax_vae.convert import CheckpointError
 from flax_vae.kl import AutoencoderKL, KLConfig, attention, init_params
 
 from conftest import crop, max_abs_rel

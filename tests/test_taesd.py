@@ -7,7 +7,7 @@ import torch
 from conftest import DATA, crop, max_abs_rel
 
 import flax_vae
-from convert.checkpoint import read_tensors
+from flax_vae.convert.checkpoint import read_tensors
 from flax_vae.loading import BUNDLED, WEIGHTS_DIR
 
 # ../shared/reference/REFERENCE.md: madebyollin's taesd.py in float32 on scikit-image's photographs, top-left crop

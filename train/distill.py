@@ -1,6 +1,6 @@
 """Distil a tiny TAESD-style autoencoder from any teacher flax-vae loads (the recipe: train/README.md).
 
-    python -m train.distill --teacher taef2 --student taesd-half --data photos/ --out runs/taef2-half
+    python -m flax_vae.train.distill --teacher taef2 --student taesd-half --data photos/ --out runs/taef2-half
 
 Decoder: the student decodes the teacher's latents of random crops (in the diffusion model's latent space) into
 what the teacher's decoder makes of them: L1 + MSE, optionally an image-gradient term and a latent-conditioned
@@ -25,7 +25,7 @@ import orbax.checkpoint as ocp
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
-import convert
+from flax_vae import convert
 import flax_vae
 from flax_vae import parallel
 from flax_vae.images import psnr, save_grid
@@ -397,7 +397,7 @@ def distill(cfg: Config, resume: bool = False) -> dict:
     return out
 
 
-def parse_args(argv=None, prog="python -m train.distill") -> tuple[Config, bool]:
+def parse_args(argv=None, prog="python -m flax_vae.train.distill") -> tuple[Config, bool]:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
@@ -419,7 +419,7 @@ def config_from_args(args) -> Config:
     return Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
 
 
-def main(argv=None, prog="python -m train.distill"):
+def main(argv=None, prog="python -m flax_vae.train.distill"):
     cfg, resume = parse_args(argv, prog)
     try:
         distill(cfg, resume)
