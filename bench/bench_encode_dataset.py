@@ -4,7 +4,7 @@
     python bench/bench_encode_dataset.py --models taesd --images 256 --source-size 1536
 
 The dataset: JPEGs (quality 90) of `--source-size` px on the long side, random crops and flips of the bundled
-photographs, in a temporary folder. The SD 1.5 KL encoder has random weights (`kl.init_params`; no real KL weights
+photographs, in a temporary folder. The SD 1.5 KL encoder has random weights (`flax_vae.family.init_params`; no real KL weights
 ship), which cost the same time as real ones. For each model and resolution, in one run:
     loading  the host side alone: read, decode, crop and resize every image with the job's loader (same threads)
     compute  the devices alone: the job's encode step on batches already in host memory, after compiling
@@ -30,6 +30,7 @@ from PIL import Image
 
 import flax_vae
 from flax_vae import dataset, encode_dataset, kl, parallel
+from flax_vae.family import init_params
 from flax_vae.autoencoder import Autoencoder
 from flax_vae.images import BUNDLED_PHOTOS
 
@@ -54,7 +55,7 @@ def model(name):
     if name == "taesd":
         return flax_vae.load("taesd")
     config = flax_vae.KL_PRESETS["sd15"]
-    return Autoencoder(config, kl.AutoencoderKL(config), kl.init_params(config), "sd15 (random weights)")
+    return Autoencoder(config, kl.AutoencoderKL(config), init_params(config), "sd15 (random weights)")
 
 
 def measure(vae, images: Path, resolution, batch_size, threads, work: Path):

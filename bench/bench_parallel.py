@@ -21,13 +21,14 @@ import numpy as np  # noqa: E402
 
 import flax_vae  # noqa: E402
 from flax_vae import kl  # noqa: E402
+from flax_vae.family import init_params
 from flax_vae.autoencoder import Autoencoder  # noqa: E402
 
 
 def models():
     yield "taesd", flax_vae.load("taesd")
     config = kl.PRESETS["sd15"]
-    yield "sd15 KL", Autoencoder(config, kl.AutoencoderKL(config), kl.init_params(config), "sd15-random")
+    yield "sd15 KL", Autoencoder(config, kl.AutoencoderKL(config), init_params(config), "sd15-random")
 
 
 def images_per_second(decode, z, reps):

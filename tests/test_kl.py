@@ -18,7 +18,8 @@ from safetensors.torch import save_file
 
 import flax_vae
 from flax_vae.convert import CheckpointError
-from flax_vae.kl import AutoencoderKL, KLConfig, attention, init_params
+from flax_vae.family import init_params
+from flax_vae.kl import AutoencoderKL, KLConfig, attention
 
 from conftest import crop, max_abs_rel
 

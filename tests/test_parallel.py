@@ -9,6 +9,7 @@ from jax.sharding import Mesh
 
 import flax_vae
 from flax_vae import kl
+from flax_vae.family import init_params
 from flax_vae.autoencoder import Autoencoder
 
 from conftest import run_processes
@@ -24,7 +25,7 @@ def taesd():
 @pytest.fixture(scope="module")
 def tiny_kl():
     config = kl.KLConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8)
-    return Autoencoder(config, kl.AutoencoderKL(config), kl.init_params(config, jax.random.key(1)), "tiny")
+    return Autoencoder(config, kl.AutoencoderKL(config), init_params(config, jax.random.key(1)), "tiny")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from flax_vae.taesd import TAESDConfig, init_params
+from flax_vae.family import init_params
+from flax_vae.taesd import TAESDConfig
 
 PRESETS = {  # the fields a preset fixes; the rest come from the teacher's latent space
     "taesd": dict(width=64, depth=3),  # the standard layout, at the teacher's factor
