@@ -5,7 +5,7 @@
 
 Every model computes in float32, bfloat16 and float16 with float32 parameters (`flax_vae.load(src,
 dtype=..., param_dtype=jnp.float32)`; Flax casts each layer's parameters to the compute dtype). taesd and taef2
-are the bundled real weights; the others are random weights (bench/bench_tiling.py's `MODELS`: the full SD 1.5
+are the bundled real weights; the others are random weights (flax_vae.testing's `MODELS`: the full SD 1.5
 KL and DC-AE f32c32 configurations, and the narrow ones tests/test_precision.py checks).
 
 Agreement: PSNR of the reduced-precision encode (latents) and decode (images, decoded from the float32 latents)
@@ -23,11 +23,10 @@ import time
 import jax
 import jax.numpy as jnp
 
-from bench_tiling import MODELS, model, photos, psnr  # puts this checkout first on sys.path
+import flax_vae
+from flax_vae.testing import MODELS, REDUCED_PRECISION, model, photos, precision_agreement
 
-import flax_vae  # noqa: I001
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPES = {"float32": jnp.float32, **REDUCED_PRECISION}
 ENCODE = jax.jit(flax_vae.encode_fn, static_argnums=0)
 DECODE = jax.jit(flax_vae.decode_fn, static_argnums=0)
 
@@ -49,22 +48,6 @@ def median_seconds(fn, reps):
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def agreement(name, images):
-    """{dtype: {image: (encode PSNR, decode PSNR)} against float32, or None where the output overflows}."""
-    vae = model(name)
-    z32 = {k: vae.encode(x) for k, x in images.items()}
-    y32 = {k: vae.decode(z) for k, z in z32.items()}
-    out = {}
-    for dtype_name, dtype in list(DTYPES.items())[1:]:
-        vae = model(name, dtype)
-        try:
-            out[dtype_name] = {k: (psnr(vae.encode(x), z32[k]), psnr(vae.decode(z32[k]), y32[k]))
-                               for k, x in images.items()}
-        except FloatingPointError:
-            out[dtype_name] = None
-    return out
 
 
 def speed(name, image, reps):
@@ -100,7 +83,7 @@ def main():
           "| decode ms | x fp32 |")
     print("|---|---|---|---|---|---|---|---|")
     for name in args.models:
-        psnrs, times = agreement(name, images), speed(name, images["astronaut"], args.reps)
+        psnrs, times = precision_agreement(name, images), speed(name, images["astronaut"], args.reps)
         for dtype_name, (te, td) in times.items():
             p = psnrs.get(dtype_name)
             quality = ("- | -" if dtype_name == "float32" else "overflow (FloatingPointError) | " if p is None else

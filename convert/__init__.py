@@ -1,4 +1,7 @@
 """PyTorch and flax-vae checkpoints <-> Flax parameters: one module per family and format."""
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from . import dcae, kl, native, taesd
@@ -7,7 +10,7 @@ from .rules import from_flax
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
                 "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin")
-FAMILIES = {"taesd": taesd, "kl": kl, "dcae": dcae}
+FORMATS = {"taesd": taesd, "kl": kl, "dcae": dcae}  # family -> its format module
 DIFFUSERS_CLASSES = {"AutoencoderTiny": taesd, "AutoencoderKL": kl, "AutoencoderKLFlux2": kl, "AutoencoderDC": dcae}
 
 
@@ -83,28 +86,61 @@ def _diffusers_weights(folder):
     return weights
 
 
-def export(config, params, out, to="flax", name="custom"):
+def export(config, params, out, to="flax", name="custom", overwrite=False):
     """Write a model as `flax` (our format), `diffusers` (the family's diffusers folder) or, for TAESD,
-    `madebyollin` (<name>_encoder.safetensors / <name>_decoder.safetensors in `out`)."""
+    `madebyollin` (<name>_encoder.safetensors / <name>_decoder.safetensors) into the folder `out`.
+
+    A non-empty `out` is refused unless `overwrite`. The model is written into a temporary sibling folder that
+    then takes `out`'s place, so `out` never holds a mix of old and new files, and a failure leaves it as it was."""
+    if to not in EXPORTS:
+        raise ValueError(f"unknown export format {to!r}: use {', '.join(EXPORTS)}")
     out = Path(out)
-    parts = [p for p in taesd.PARTS if p in params]
-    if to == "flax":
-        native.save(out, config, params, name)
-    elif to == "diffusers":
-        diffusers_config, tensors = FAMILIES[config.family].diffusers_export(config, params)
-        out.mkdir(parents=True, exist_ok=True)
-        write_safetensors(out / WEIGHT_FILES[0], tensors, metadata={"format": "pt"})
-        write_json(out / "config.json", diffusers_config)
-    elif to == "madebyollin":
-        if config.family != "taesd":
-            raise CheckpointError(f"madebyollin format holds TAESD models only, not {config.family}")
-        out.mkdir(parents=True, exist_ok=True)
-        stem = name.split("/")[0]
-        for part in parts:
-            tensors = from_flax({part: params[part]}, taesd.madebyollin_rules(config, part))
-            write_safetensors(out / f"{stem}_{part}.safetensors", tensors, metadata={"format": "pt"})
-    else:
-        raise ValueError(f"unknown export format {to!r}: use flax, diffusers or madebyollin")
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise CheckpointError(f"{out}: folder is not empty; choose a new folder, or overwrite it (overwrite=True, "
+                              "flax-vae convert --overwrite)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
+    try:
+        EXPORTS[to](config, params, staging, name)
+        replace_folder(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def replace_folder(new: Path, old: Path):
+    """Put the folder `new` in place of `old` (which may be missing): renames, so `old` is whole at any moment
+    but the one between its two renames, when it is briefly absent and its previous contents sit beside it."""
+    if not old.exists():
+        os.replace(new, old)
+        return
+    trash = Path(tempfile.mkdtemp(dir=old.parent, prefix=f".{old.name}.", suffix=".old"))
+    os.replace(old, trash / old.name)
+    os.replace(new, old)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _export_flax(config, params, out, name):
+    native.save(out, config, params, name)
+
+
+def _export_diffusers(config, params, out, name):
+    diffusers_config, tensors = FORMATS[config.family].diffusers_export(config, params)
+    write_safetensors(out / WEIGHT_FILES[0], tensors, metadata={"format": "pt"})
+    write_json(out / "config.json", diffusers_config)
+
+
+def _export_madebyollin(config, params, out, name):
+    if config.family != "taesd":
+        raise CheckpointError(f"madebyollin format holds TAESD models only, not {config.family}")
+    stem = name.split("/")[0]
+    for part in (p for p in taesd.PARTS if p in params):
+        tensors = from_flax({part: params[part]}, taesd.madebyollin_rules(config, part))
+        write_safetensors(out / f"{stem}_{part}.safetensors", tensors, metadata={"format": "pt"})
+
+
+EXPORTS = {"flax": _export_flax, "diffusers": _export_diffusers, "madebyollin": _export_madebyollin}
 
 
 __all__ = ["CheckpointError", "load", "export", "read_tensors", "write_safetensors"]

@@ -17,7 +17,7 @@ from flax_vae.dcae import PRESETS, DCAEConfig
 from flax_vae.family import param_shapes
 
 from .checkpoint import CheckpointError
-from .rules import LAYOUTS, Rule, flatten, from_flax, to_flax
+from .rules import LAYOUTS, Rule, flatten, from_flax, matching_presets, to_flax
 
 IGNORED_SUFFIX = ".num_batches_tracked"
 QKV_PARTS = ("to_q", "to_k", "to_v")
@@ -176,8 +176,7 @@ def _source_shape(rule, flax_shape):
 
 def variant_names(config: DCAEConfig, hint: str = "") -> list[str]:
     """The released variants with this architecture; a hint (a path, a hub name) picks among them."""
-    same = [n for n, p in PRESETS.items() if _architecture(p) == _architecture(config)]
-    return [n for n in same if n in hint.lower()] or same
+    return matching_presets(PRESETS, config, hint, lambda a, b: _architecture(a) == _architecture(b))
 
 
 def with_released_scaling(config: DCAEConfig, names: list[str]) -> DCAEConfig:

@@ -19,7 +19,7 @@ from flax_vae.family import param_shapes
 from flax_vae.kl import PRESETS, KLConfig
 
 from .checkpoint import CheckpointError
-from .rules import Rule, flatten, from_flax, to_flax
+from .rules import Rule, flatten, from_flax, matching_presets, to_flax
 
 DIFFUSERS_CLASSES = ("AutoencoderKL", "AutoencoderKLFlux2")
 LDM_PREFIXES = ("first_stage_model.", "vae.")
@@ -249,23 +249,14 @@ def from_ldm(tensors, where: str, hint: str = ""):
     """
     tensors, prefix = select_vae(tensors)
     arch = config_from_ldm(tensors, where)
-    matches = [n for n, p in PRESETS.items() if _architecture(p) == _architecture(arch)]
-    hinted = _hinted(matches, hint)
-    if hinted:
-        name = hinted[0]
-    elif "flux1" in matches and not prefix:
-        name = "flux1"
-    else:
-        name = matches[0] if matches else "custom"
-    config = PRESETS[name] if matches else arch
+    same = lambda a, b: _architecture(a) == _architecture(b)
+    candidates, named = matching_presets(PRESETS, arch, "", same), matching_presets(PRESETS, arch, hint, same)
+    if named == candidates and "flux1" in candidates and not prefix:  # no name in the hint: a bare file is FLUX's
+        named = ["flux1"]
+    name = (named or ["custom"])[0]
+    config = PRESETS[name] if named else arch
     return config, _to_flax(tensors, config, True, where, _parts(tensors) + ("latent_norm",)), name
 
 
 def variant_name(config: KLConfig, hint: str = "") -> str:
-    matches = [n for n, p in PRESETS.items() if p == config]
-    return (_hinted(matches, hint) or matches or ["custom"])[0]
-
-
-def _hinted(names, hint):
-    """The names that appear as a word in `hint` (a file or folder name)."""
-    return [n for n in names if re.search(rf"(^|[^a-z0-9]){n}($|[^a-z0-9])", hint.lower())]
+    return (matching_presets(PRESETS, config, hint) or ["custom"])[0]

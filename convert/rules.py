@@ -4,6 +4,8 @@ A format is a list of `Rule(source_key, flax_path, layout)`. The same list conve
 directions: `to_flax` (loading, strict) and `from_flax` (export).
 """
 import dataclasses
+import operator
+import re
 
 import numpy as np
 
@@ -93,3 +95,11 @@ def from_flax(params, rules: list[Rule]) -> dict[str, np.ndarray]:
     if unmapped:
         raise CheckpointError(f"export: parameters with no rule: {_preview(unmapped)}")
     return {r.source: np.ascontiguousarray(LAYOUTS[r.layout][1](flat[r.target])) for r in rules}
+
+
+def matching_presets(presets: dict, config, hint: str = "", same=operator.eq) -> list[str]:
+    """The names of `presets` whose config is `same` as `config`, in preset order; if `hint` (a file, folder or
+    hub name) names some of them as a whole word, only those."""
+    matches = [n for n, p in presets.items() if same(p, config)]
+    hinted = [n for n in matches if re.search(rf"(^|[^a-z0-9]){re.escape(n)}($|[^a-z0-9])", hint.lower())]
+    return hinted or matches

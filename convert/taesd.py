@@ -11,7 +11,7 @@ from flax_vae.family import param_shapes
 from flax_vae.taesd import LATENT_MAGNITUDE, LATENT_SHIFT, PRESETS, TAESDConfig
 
 from .checkpoint import CheckpointError
-from .rules import Rule, flatten, from_flax, to_flax
+from .rules import Rule, flatten, from_flax, matching_presets, to_flax
 
 PARTS = ("encoder", "decoder")
 
@@ -115,11 +115,7 @@ def _runs(indices):
 
 def variant_name(config: TAESDConfig, hint: str = "") -> str:
     """The preset name(s) this architecture matches; a file-name hint picks among equal architectures."""
-    matches = [n for n, p in PRESETS.items() if p == config]
-    hinted = [n for n in matches if re.search(rf"(^|[^a-z0-9]){n}($|[^a-z0-9])", hint.lower())]
-    if hinted:
-        return max(hinted, key=len)
-    return "/".join(matches) if matches else "custom"
+    return "/".join(matching_presets(PRESETS, config, hint)) or "custom"
 
 
 def merge_configs(found: dict, where: str) -> TAESDConfig:

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from .layers import Conv3x3, DownsampleConv, UpsampleConv, pixel_shuffle, pixel_unshuffle
+from .validation import check_fields
 
 FAMILY = "dcae"
 BLOCKS = ("res", "vit")  # residual conv block, EfficientViT block
@@ -54,6 +55,7 @@ class DCAEConfig:
     shift_factor: float = 0.0
 
     def __post_init__(self):
+        check_fields(self)
         # Lists (from JSON) -> tuples, so that configs stay hashable (jit keys on the module).
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
@@ -62,7 +64,7 @@ class DCAEConfig:
         n = len(self.encoder_widths)
         per_stage = [f.name for f in dataclasses.fields(self) if typing.get_origin(f.type) is tuple]
         if n < 2 or any(len(getattr(self, name)) != n for name in per_stage):
-            raise ValueError(f"DC-AE: every per-stage field needs the same number (>= 2) of stages: "
+            raise ValueError("DC-AE: every per-stage field needs the same number (>= 2) of stages: "
                              + ", ".join(f"{k}={getattr(self, k)}" for k in per_stage))
         for part in ("encoder", "decoder"):
             widths, depths = getattr(self, f"{part}_widths"), getattr(self, f"{part}_depths")
@@ -159,7 +161,7 @@ class DepthwiseConv(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        k, (n, h, w, c) = self.kernel_size, x.shape
+        k, (_, h, w, c) = self.kernel_size, x.shape
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, 1, c)).astype(self.dtype)
         p = jnp.pad(x.astype(self.dtype), ((0, 0), (k // 2, k // 2), (k // 2, k // 2), (0, 0)))
         y = sum(p[:, i:i + h, j:j + w] * kernel[i, j, 0] for i in range(k) for j in range(k))

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from .layers import Conv3x3, DownsampleConv, UpsampleConv, pixel_shuffle, pixel_unshuffle, sample_gaussian
+from .validation import check_fields
 
 FAMILY = "kl"
 
@@ -46,6 +47,7 @@ class KLConfig:
     batch_norm_eps: float = 1e-4
 
     def __post_init__(self):
+        check_fields(self)
         for name in ("block_out_channels", "decoder_block_out_channels", "latents_mean", "latents_std"):
             value = getattr(self, name)
             if value is not None:  # lists from JSON -> tuples, so configs stay hashable (jit keys on them)

@@ -1,15 +1,11 @@
-"""flax_vae.load / flax_vae.save: any supported checkpoint -> Autoencoder, and our own format back."""
+"""flax_vae.load / flax_vae.save: any supported checkpoint -> Autoencoder, and back to a folder."""
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-from flax_vae import convert
-
+from . import convert, family
 from .autoencoder import Autoencoder
-from .dcae import DCAE
-from .kl import AutoencoderKL
-from .taesd import TAESD
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 # Bundled real weights (MIT, madebyollin/taesd; see weights/SOURCES.md): name -> (encoder, decoder).
@@ -21,7 +17,6 @@ BUNDLED = {
     "taef2": ("taef2_encoder.safetensors", "taef2_decoder.safetensors"),
     "taesana": ("taesana_encoder.safetensors", None),  # its decoder's weights are not public here
 }
-MODULES = {"taesd": TAESD, "kl": AutoencoderKL, "dcae": DCAE}
 
 
 def resolve(source=None, *, encoder=None, decoder=None) -> dict:
@@ -32,24 +27,44 @@ def resolve(source=None, *, encoder=None, decoder=None) -> dict:
     return dict(source=source, encoder=encoder, decoder=decoder)
 
 
-def load(source=None, *, encoder=None, decoder=None, dtype=jnp.float32,
-         param_dtype=None) -> Autoencoder:
-    """Load an autoencoder.
-
-    source: a bundled name ("taef2", ...), a flax-vae or diffusers folder, a folder holding
-    *_encoder / *_decoder files, or one checkpoint file. Or name the TAESD parts with encoder=/decoder=
-    (either may be left out). Compute uses `dtype`, parameters `param_dtype` (default: `dtype`;
-    e.g. dtype=jnp.bfloat16, param_dtype=jnp.float32 for bfloat16 compute with float32 weights).
-    """
+def read(source=None, *, encoder=None, decoder=None):
+    """A checkpoint as stored: (config, params as numpy in the stored dtype, variant name)."""
     config, params, name = convert.load(**resolve(source, encoder=encoder, decoder=decoder))
-    if source in BUNDLED:
-        name = source
-    module = MODULES[config.family](config, dtype=dtype)
+    return config, params, source if isinstance(source, str) and source in BUNDLED else name
+
+
+def load(source=None, *, encoder=None, decoder=None, dtype=jnp.float32, param_dtype=None) -> Autoencoder:
+    """Load an autoencoder from any supported checkpoint.
+
+    Args:
+        source: a bundled name (`"taesd"`, `"taesdxl"`, `"taesd3"`, `"taef1"`, `"taef2"`, `"taesana"`), a
+            flax-vae or diffusers folder, a folder holding `*_encoder` / `*_decoder` files, or one checkpoint file
+            (.safetensors; .pth/.pt/.bin/.ckpt through torch's restricted unpickler).
+        encoder, decoder: TAESD part files, instead of `source` (either may be left out).
+        dtype: the compute dtype, e.g. `jnp.bfloat16`.
+        param_dtype: the parameters' dtype (default: `dtype`); `dtype=jnp.bfloat16, param_dtype=jnp.float32`
+            computes in bfloat16 from float32 weights.
+
+    Returns:
+        An `Autoencoder`.
+
+    Raises:
+        CheckpointError: the checkpoint is missing, unreadable, refused, or does not fit any supported model.
+    """
+    config, params, name = read(source, encoder=encoder, decoder=decoder)
     params = jax.tree.map(lambda a: jnp.asarray(a, param_dtype or dtype), params)
-    return Autoencoder(config=config, module=module, params=params, name=name)
+    return Autoencoder(config=config, module=family.module(config, dtype), params=params, name=name)
 
 
-def save(vae: Autoencoder, folder, to="flax"):
-    """Write `vae` to `folder`: `flax` (default; safetensors + config.json, reloads bit-identically),
-    `diffusers` (AutoencoderTiny folder) or `madebyollin` (*_encoder/*_decoder.safetensors)."""
-    convert.export(vae.config, vae.params, Path(folder), to=to, name=vae.name)
+def save(vae: Autoencoder, folder, to: str = "flax", overwrite: bool = False):
+    """Write `vae` to `folder`.
+
+    Args:
+        to: `"flax"` (flax-vae's format: safetensors + config.json, reloads bit-identically), `"diffusers"` (the
+            family's diffusers folder) or `"madebyollin"` (TAESD `*_encoder` / `*_decoder.safetensors`).
+        overwrite: replace a non-empty `folder` (atomically: the new folder is written beside it, then renamed).
+
+    Raises:
+        CheckpointError: `folder` is not empty and `overwrite` is False, or the format cannot hold this model.
+    """
+    convert.export(vae.config, vae.params, Path(folder), to=to, name=vae.name, overwrite=overwrite)

@@ -14,7 +14,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from . import tiling
-from .autoencoder import Autoencoder, as_tiling, decode_fn, encode_fn, posterior_fn
+from .autoencoder import Autoencoder, as_tiling, decode_fn, decode_uint8_fn, encode_fn, posterior_fn
+from .images import to_uint8
 
 AXIS = "data"
 
@@ -83,7 +84,8 @@ class DataParallel:
     def _fns(self):
         module = self.vae.module
         fns = {"encode": functools.partial(encode_fn, module), "posterior": functools.partial(posterior_fn, module),
-               "decode": functools.partial(decode_fn, module), "sample": lambda p, x, key: encode_fn(module, p, x, key)}
+               "decode": functools.partial(decode_fn, module), "decode_uint8": functools.partial(decode_uint8_fn, module),
+               "sample": lambda p, x, key: encode_fn(module, p, x, key)}
         if self.use_pmap:
             # one key for the whole batch, a different stream per device
             fns["sample"] = lambda p, x, key: encode_fn(module, p, x, jax.random.fold_in(key, jax.lax.axis_index(AXIS)))
@@ -119,6 +121,15 @@ class DataParallel:
         out = decode(latents) if tile is None else tiling.tiled_decode(decode, latents, as_tiling(tile),
                                                                          self.vae.factor)
         return self.vae._finite(out, "decode")
+
+    def decode_uint8(self, latents, tile=None):
+        """As `Autoencoder.decode_uint8`, on this process's rows: uint8 (N, H, W, 3), cast on the devices."""
+        if tile is not None:
+            return to_uint8(self.decode(latents, tile))
+        images, finite = self._call("decode_uint8")(self.vae._latents(latents))
+        if not bool(np.asarray(finite).all()):
+            self.vae._nonfinite("decode")
+        return images
 
     def _call(self, name, *extra):
         """rows -> rows through the parallel function: pad, split over the devices, run, trim."""

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from .layers import Conv3x3, DownsampleConv, UpsampleConv
+from .validation import check_fields
 
 FAMILY = "taesd"
 # Latents live in about [-LATENT_MAGNITUDE, LATENT_MAGNITUDE]: the decoder soft-clamps them there (tanh), and
@@ -34,6 +35,7 @@ class TAESDConfig:
     shift_factor: float = 0.0
 
     def __post_init__(self):
+        check_fields(self)
         if self.factor not in (8, 32):
             raise ValueError(f"TAESD factor must be 8 or 32, got {self.factor}")
         if self.width % 8 or self.width < 8:

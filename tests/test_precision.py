@@ -5,13 +5,9 @@ decode against float32, measured on the three bundled photos; checked here on ch
 tests/test_tiling.py compiles in float32 too). taef2 has the bundled real weights (and GroupNorm); kl-small and
 dcae-small are random weights.
 """
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import bench_precision  # noqa: E402
+from flax_vae.testing import photos, precision_agreement
 
 MEASURED = {  # model: {dtype: (encode PSNR, decode PSNR)} on chelsea
     "taef2": {"bfloat16": (52.5, 53.3), "float16": (66.8, 71.7)},
@@ -22,7 +18,7 @@ MEASURED = {  # model: {dtype: (encode PSNR, decode PSNR)} on chelsea
 
 @pytest.mark.parametrize("name", MEASURED)
 def test_reduced_precision_stays_close_to_float32(name):
-    psnrs = bench_precision.agreement(name, {"chelsea": bench_precision.photos()["chelsea"]})
+    psnrs = precision_agreement(name, {"chelsea": photos()["chelsea"]})
     print(name, psnrs)
     for dtype, (enc, dec) in MEASURED[name].items():
         assert psnrs[dtype] is not None, f"{name} overflows in {dtype}"

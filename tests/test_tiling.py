@@ -1,8 +1,6 @@
 """Tiled encode/decode (flax_vae/tiling.py): exact for a local model (bundled real TAESD weights and photographs),
 measured agreement for models with global operations, bounded memory, batches."""
-import sys
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -11,10 +9,9 @@ import pytest
 import flax_vae
 from flax_vae import Tiling
 from flax_vae.autoencoder import _encode
+from flax_vae.testing import measure, model, photos, plan_bytes, tiling_agreement
 from flax_vae.tiling import _ramp, _starts, tiled_decode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import bench_tiling  # noqa: E402  (the models and measurements behind the README's tiling figures)
 
 # TAESD's classic layout is purely local with a receptive field radius of about 150 pixels (measured:
 # tiled == untiled from a margin of 152 px on): margin = (overlap - blend) / 2.
@@ -99,7 +96,7 @@ def test_tiles_per_call_stay_fixed_whatever_the_batch(tiling, shape, calls):
 
 
 # ---- models with global operations: tiled differs from untiled everywhere; measured agreement
-# Measured with `python bench/bench_tiling.py psnr` (README, "Tiling"): PSNR (dB) of tiled against untiled encode
+# Measured with `python bench/py psnr` (README, "Tiling"): PSNR (dB) of tiled against untiled encode
 # and decode, chelsea 448x288, Tiling(size=256, overlap=128). Random weights for KL and DC-AE.
 AGREEMENT = {"taef2": (40.1, 32.5), "kl-small": (31.0, 38.1), "dcae-small": (50.1, 56.5)}
 AGREEMENT_TILING = Tiling(size=256, overlap=128)
@@ -107,8 +104,8 @@ AGREEMENT_TILING = Tiling(size=256, overlap=128)
 
 @pytest.mark.parametrize("name", AGREEMENT)
 def test_global_operations_agree_as_measured(name):
-    vae = bench_tiling.model(name)
-    [(enc, dec)] = bench_tiling.agreement(vae, bench_tiling.photos()["chelsea"], [AGREEMENT_TILING])
+    vae = model(name)
+    [(enc, dec)] = tiling_agreement(vae, photos()["chelsea"], [AGREEMENT_TILING])
     print(f"{name}: encode {enc:.2f} dB, decode {dec:.2f} dB")
     assert abs(enc - AGREEMENT[name][0]) <= 1 and abs(dec - AGREEMENT[name][1]) <= 1, (enc, dec)
 
@@ -118,14 +115,14 @@ MEMORY_TILING = Tiling(size=256, overlap=64, batch=2)
 
 
 def test_tile_call_memory_does_not_depend_on_the_image_size():
-    vae = bench_tiling.model("kl-small")
+    vae = model("kl-small")
     shapes = set()
     for size in (512, 1024, 2048):
         tiled_decode(lambda t: shapes.add(t.shape) or upsample8(t), np.zeros((1, size // 8, size // 8, 4), np.float32),
                      MEMORY_TILING, factor=8)
     assert shapes == {(2, 32, 32, 4)}
-    tile_plan = bench_tiling.plan_bytes(vae, (2, 32, 32, 4))
-    untiled_plan = bench_tiling.plan_bytes(vae, (1, 256, 256, 4))  # a 2048x2048 decode in one call
+    tile_plan = plan_bytes(vae, (2, 32, 32, 4))
+    untiled_plan = plan_bytes(vae, (1, 256, 256, 4))  # a 2048x2048 decode in one call
     print(f"tile call {tile_plan / 2**20:.0f} MiB, untiled 2048x2048 {untiled_plan / 2**20:.0f} MiB")
     assert untiled_plan > 20 * tile_plan
 
@@ -136,7 +133,7 @@ def test_peak_memory_grows_with_the_output_area_only():
     decoding untiled, these models' buffer plans take ~200 B per pixel."""
     sizes = {"kl-small": (512, 2048), "dcae-small": (512, 2048)}
     with ThreadPoolExecutor() as pool:  # one process per family, side by side
-        runs = {name: pool.submit(bench_tiling.measure, name, s, MEMORY_TILING, timeout=600)
+        runs = {name: pool.submit(measure, name, s, MEMORY_TILING, timeout=600)
                 for name, s in sizes.items()}
     growth = {name: run.result() for name, run in runs.items()}
     for name, (small, large) in sizes.items():
