@@ -3,80 +3,103 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Protocol
 
 from . import dcae, kl, native, taesd
-from .checkpoint import CHECKPOINT_SUFFIXES, CheckpointError, read_json, read_tensors, write_json, write_safetensors
+from .checkpoint import CheckpointError, read_json, read_tensors, write_json, write_safetensors
 from .rules import from_flax
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
                 "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin")
-FORMATS = {"taesd": taesd, "kl": kl, "dcae": dcae}  # family -> its format module
-DIFFUSERS_CLASSES = {"AutoencoderTiny": taesd, "AutoencoderKL": kl, "AutoencoderKLFlux2": kl, "AutoencoderDC": dcae}
+FORMATS = {"kl": kl, "dcae": dcae, "taesd": taesd}  # family -> its format module, most specific file format first
+DIFFUSERS_CLASSES = {cls: fmt for fmt in FORMATS.values() for cls in fmt.DIFFUSERS_CLASSES}
+
+
+class FormatModule(Protocol):
+    """What a family's format module (convert/<family>.py) provides; registered in FORMATS."""
+    DIFFUSERS_CLASSES: tuple[str, ...]  # the diffusers `_class_name`s it reads
+    PRESETS: dict  # the model file's presets
+
+    def diffusers_config(self, config) -> dict:
+        """config -> diffusers config.json fields (CheckpointError where diffusers cannot express it)."""
+
+    def load_diffusers(self, cfg: dict, tensors: dict, where: str, hint: str) -> tuple:
+        """A diffusers folder's config.json dict and tensors -> (config, params, variant name)."""
+
+    def diffusers_export(self, config, params) -> tuple[dict, dict]:
+        """-> (config.json dict, PyTorch-layout state dict)."""
+
+    def load_file(self, tensors: dict, path: Path) -> tuple | None:
+        """A single checkpoint file's tensors -> (config, params, variant name), or None: not this format."""
 
 
 def load(source=None, *, encoder=None, decoder=None):
-    """Any supported checkpoint -> (config, params as numpy in the stored dtype, variant name)."""
+    """Any supported checkpoint -> (config, params as numpy in the stored dtype, variant name).
+
+    source: a flax-vae or diffusers folder, a folder of TAESD *_encoder / *_decoder files, or one file; or the
+    TAESD parts as encoder= / decoder= files."""
     if source is not None and (encoder or decoder):
-        raise ValueError("give either a source or encoder=/decoder= files, not both")
+        raise ValueError("give either a source or encoder/decoder files, not both")
     if source is None:
         if not (encoder or decoder):
-            raise ValueError("nothing to load: give a source, or encoder= and/or decoder= files")
-        return _load_pair({p: f for p, f in (("encoder", encoder), ("decoder", decoder)) if f})
+            raise ValueError("nothing to load: give a source, or encoder and/or decoder files")
+        return taesd.load_parts({p: f for p, f in (("encoder", encoder), ("decoder", decoder)) if f})
     path = Path(source)
     if path.is_dir():
         if native.is_native(path):
             return native.load(path)
         if (path / "config.json").is_file():
             return _load_diffusers_folder(path)
-        return _load_pair(_find_pair(path))
+        return taesd.load_parts(taesd.find_parts(path))
     if path.is_file():
         tensors = read_tensors(path)
-        if kl.is_ldm(tensors):
-            return kl.from_ldm(tensors, str(path), path.name)
-        if dcae.is_mit(tensors):
-            return dcae.load_mit(tensors, str(path), str(path))
-        if any(k.startswith(("encoder.layers.", "decoder.layers.")) for k in tensors):
-            return _from_taesd_parts(taesd.split_diffusers_keys(tensors, path), path, hint=path.name)
-        part, _ = taesd.detect_part(tensors, str(path))
-        return _from_taesd_parts({part: tensors}, path, hint=path.name)
+        for fmt in FORMATS.values():
+            found = fmt.load_file(tensors, path)
+            if found is not None:
+                return found
     raise CheckpointError(f"{source}: no such file or folder")
-
-
-def _load_pair(files):
-    parts = {part: read_tensors(f) for part, f in files.items()}
-    where = " + ".join(str(f) for f in files.values())
-    return _from_taesd_parts(parts, where, hint=" ".join(Path(f).name for f in files.values()))
-
-
-def _from_taesd_parts(parts, where, hint):
-    try:
-        config, params = taesd.from_madebyollin(parts, str(where))
-    except (ValueError, IndexError, KeyError) as e:
-        raise e if isinstance(e, CheckpointError) else CheckpointError(f"{where}: not a TAESD checkpoint: {e}")
-    return config, params, taesd.variant_name(config, hint)
-
-
-def _find_pair(folder):
-    files = {}
-    for part in taesd.PARTS:
-        found = sorted(p for p in folder.iterdir() if part in p.name and p.suffix in CHECKPOINT_SUFFIXES)
-        if len(found) > 1:
-            raise CheckpointError(f"{folder}: several {part} files, name one with {part}=: "
-                                  + ", ".join(p.name for p in found))
-        if found:
-            files[part] = found[0]
-    if not files:
-        raise CheckpointError(f"{folder}: no config.json and no *encoder*/*decoder* weight files")
-    return files
 
 
 def _load_diffusers_folder(folder):
     cfg = read_json(folder / "config.json")
-    family = DIFFUSERS_CLASSES.get(cfg.get("_class_name"))
-    if family is None:
-        raise CheckpointError(f"{folder}: unsupported diffusers model {cfg.get('_class_name')!r} "
+    cls = cfg.get("_class_name") if isinstance(cfg, dict) else None
+    if cls not in DIFFUSERS_CLASSES:
+        raise CheckpointError(f"{folder}: unsupported diffusers model {cls!r} "
                               f"(supported: {', '.join(DIFFUSERS_CLASSES)})")
-    return family.load_diffusers(cfg, read_tensors(_diffusers_weights(folder)), str(folder), folder.name)
+    fmt = DIFFUSERS_CLASSES[cls]
+    _check_json_types(cfg, fmt, f"{folder}/config.json")
+    tensors = read_tensors(_diffusers_weights(folder))
+    try:
+        return fmt.load_diffusers(cfg, tensors, str(folder), folder.name)
+    except CheckpointError:
+        raise
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+        raise CheckpointError(f"{folder}/config.json: bad {cls} configuration: {e}") from None
+
+
+def _kind(value) -> str:
+    return ("null" if value is None else "true or false" if isinstance(value, bool) else
+            "a number" if isinstance(value, (int, float)) else "a string" if isinstance(value, str) else
+            "a list" if isinstance(value, list) else "an object")
+
+
+def _check_json_types(cfg: dict, fmt, where: str):
+    """Each field of a diffusers config.json has the JSON kind that the format writes for the released presets:
+    a wrong kind is refused here, naming the field, before any parsing. null is taken where a preset writes
+    null (or for shift_factor, which released configs set to null); lists may be one string (DC-AE's per-stage
+    types)."""
+    written = {}
+    for config in fmt.PRESETS.values():
+        try:
+            for key, value in fmt.diffusers_config(config).items():
+                written.setdefault(key, set()).add(_kind(value))
+        except CheckpointError:  # a preset diffusers cannot express (taesana)
+            continue
+    for key, value in cfg.items():
+        kinds = written.get(key, set()) | ({"null"} if key == "shift_factor" else set())
+        kind = _kind(value)
+        if kinds and kind not in kinds and not (kind == "a string" and "a list" in kinds):
+            raise CheckpointError(f"{where}: {key}: expected {' or '.join(sorted(kinds))}, got {value!r}")
 
 
 def _diffusers_weights(folder):

@@ -101,10 +101,14 @@ def write_json(path, obj):
 
 
 def read_json(path) -> dict:
+    """A JSON object (dict) from `path`, or a CheckpointError."""
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        obj = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: unreadable JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 __all__ = ["CheckpointError", "read_tensors", "write_atomic", "write_safetensors", "read_json", "write_json",

@@ -10,6 +10,7 @@ Both: BatchNorm `num_batches_tracked` counters are training state; they are drop
 """
 import dataclasses
 import functools
+from pathlib import Path
 
 import numpy as np
 
@@ -20,6 +21,7 @@ from .checkpoint import CheckpointError
 from .rules import LAYOUTS, Rule, flatten, from_flax, matching_presets, to_flax
 
 IGNORED_SUFFIX = ".num_batches_tracked"
+DIFFUSERS_CLASSES = ("AutoencoderDC",)
 QKV_PARTS = ("to_q", "to_k", "to_v")
 
 # One row per parameter: (diffusers suffix, MIT suffix, Flax leaf, layout).
@@ -279,10 +281,13 @@ def load_diffusers(cfg: dict, tensors: dict, where: str, hint: str):
     return config, params, "/".join(variant_names(config, f"{hint} {cfg.get('_name_or_path', '')}")) or "custom"
 
 
-def load_mit(tensors: dict, where: str, hint: str):
-    """An original MIT-HAN single file -> (config, params, variant name); the hint (its path) names the variant."""
-    config, params = from_mit(tensors, where)
-    names = variant_names(config, hint)
+def load_file(tensors: dict, path: Path):
+    """An original MIT-HAN single file -> (config, params, variant name), else None; its path names the
+    variant."""
+    if not is_mit(tensors):
+        return None
+    config, params = from_mit(tensors, str(path))
+    names = variant_names(config, str(path))
     return with_released_scaling(config, names), params, "/".join(names)
 
 

@@ -12,6 +12,7 @@ counter without effect on inference: read and dropped, written back as 0).
 import dataclasses
 import functools
 import re
+from pathlib import Path
 
 import numpy as np
 
@@ -178,8 +179,9 @@ def _vae_prefix(tensors):
     return None
 
 
-def is_ldm(tensors) -> bool:
-    return _vae_prefix(tensors) is not None
+def load_file(tensors: dict, path: Path):
+    """An LDM single file (a bare VAE, or a full model checkpoint holding one), else None."""
+    return None if _vae_prefix(tensors) is None else from_ldm(tensors, str(path), path.name)
 
 
 def select_vae(tensors):

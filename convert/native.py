@@ -2,15 +2,12 @@
 import dataclasses
 from pathlib import Path
 
-from flax_vae.dcae import DCAEConfig
-from flax_vae.kl import KLConfig
-from flax_vae.taesd import TAESDConfig
+from flax_vae.family import FAMILIES
 
 from .checkpoint import CheckpointError, read_json, read_tensors, write_json, write_safetensors
 from .rules import flatten, unflatten
 
 FORMAT, VERSION = "flax-vae", 1
-CONFIGS = {"taesd": TAESDConfig, "kl": KLConfig, "dcae": DCAEConfig}
 PARAMS_FILE = "params.safetensors"
 
 
@@ -30,11 +27,11 @@ def save(folder, config, params, name):
 def load(folder):
     folder = Path(folder)
     meta = read_json(folder / "config.json")
-    if meta.get("version") != VERSION or meta.get("family") not in CONFIGS:
+    if meta.get("version") != VERSION or meta.get("family") not in FAMILIES:
         raise CheckpointError(f"{folder}: unsupported flax-vae format version {meta.get('version')} "
                               f"or family {meta.get('family')!r}")
     try:
-        config = CONFIGS[meta["family"]](**meta["config"])
-    except (TypeError, ValueError) as e:
+        config = FAMILIES[meta["family"]].Config(**meta["config"])
+    except (TypeError, ValueError, KeyError) as e:
         raise CheckpointError(f"{folder}/config.json: bad config: {e}") from None
     return config, unflatten(read_tensors(folder / PARAMS_FILE)), meta.get("name", "custom")

@@ -5,15 +5,17 @@ diffusers:   `AutoencoderTiny` - `encoder.layers.{i}` = madebyollin encoder `{i}
              decoder `{i+1}` (diffusers applies the decoder's input clamp in forward, not as layer 0).
 """
 import re
+from pathlib import Path
 
 
 from flax_vae.family import param_shapes
 from flax_vae.taesd import LATENT_MAGNITUDE, LATENT_SHIFT, PRESETS, TAESDConfig
 
-from .checkpoint import CheckpointError
+from .checkpoint import CHECKPOINT_SUFFIXES, CheckpointError, read_tensors
 from .rules import Rule, flatten, from_flax, matching_presets, to_flax
 
 PARTS = ("encoder", "decoder")
+DIFFUSERS_CLASSES = ("AutoencoderTiny",)
 
 # Per-module tables: madebyollin suffix -> (Flax leaf path, layout). Optional entries (bias, skip,
 # pool) are kept only where the model has that parameter.
@@ -213,3 +215,46 @@ def diffusers_limit_message(config: TAESDConfig) -> str:
     why = ("the mid-block GroupNorm branch (taef2)" if config.midblock_gn else "the 32x layout (taesana)")
     return (f"diffusers' AutoencoderTiny cannot express {why}; export to madebyollin format "
             "(--to madebyollin) or flax-vae format (--to flax) instead")
+
+
+# ---- files: madebyollin's part files, diffusers' single-file AutoencoderTiny
+
+def load_file(tensors: dict, path: Path):
+    """A single file: a diffusers AutoencoderTiny state dict, or one madebyollin part (the fallback format:
+    a CheckpointError where the tensors are not TAESD's either)."""
+    if any(k.startswith(("encoder.layers.", "decoder.layers.")) for k in tensors):
+        return _from_parts(split_diffusers_keys(tensors, path), path, hint=path.name)
+    part, _ = detect_part(tensors, str(path))
+    return _from_parts({part: tensors}, path, hint=path.name)
+
+
+def load_parts(files: dict):
+    """{"encoder": file, "decoder": file} (either may be absent) -> (config, params, variant name)."""
+    parts = {part: read_tensors(f) for part, f in files.items()}
+    where = " + ".join(str(f) for f in files.values())
+    return _from_parts(parts, where, hint=" ".join(Path(f).name for f in files.values()))
+
+
+def find_parts(folder: Path) -> dict:
+    """The *encoder* / *decoder* checkpoint files of a folder."""
+    files = {}
+    for part in PARTS:
+        found = sorted(p for p in folder.iterdir() if part in p.name and p.suffix in CHECKPOINT_SUFFIXES)
+        if len(found) > 1:
+            raise CheckpointError(f"{folder}: several {part} files, name the one to use: "
+                                  + ", ".join(p.name for p in found))
+        if found:
+            files[part] = found[0]
+    if not files:
+        raise CheckpointError(f"{folder}: no config.json and no *encoder*/*decoder* weight files")
+    return files
+
+
+def _from_parts(parts, where, hint):
+    try:
+        config, params = from_madebyollin(parts, str(where))
+    except CheckpointError:
+        raise
+    except (ValueError, IndexError, KeyError) as e:
+        raise CheckpointError(f"{where}: not a TAESD checkpoint: {e}") from None
+    return config, params, variant_name(config, hint)

@@ -395,4 +395,6 @@ class DCAE(nn.Module):
         return self.decode(self.encode(images))
 
 
-Module = DCAE  # the family contract (flax_vae.family)
+# the family contract (flax_vae.family)
+Config = DCAEConfig
+Module = DCAE

@@ -53,6 +53,7 @@ class ModelFile(Protocol):
     """What a model file defines at module level."""
     FAMILY: str
     PRESETS: dict[str, Config]  # released variants by name
+    Config: type  # the config dataclass
     Module: type  # the Flax module class: Module(config, dtype=...)
 
 

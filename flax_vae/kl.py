@@ -496,4 +496,6 @@ class AutoencoderKL(nn.Module):
         return self.decode(self.unscale_latents(self.scale_latents(self.encode(images))))
 
 
-Module = AutoencoderKL  # the family contract (flax_vae.family)
+# the family contract (flax_vae.family)
+Config = KLConfig
+Module = AutoencoderKL

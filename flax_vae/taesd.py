@@ -151,4 +151,6 @@ class TAESD(nn.Module):
         return self.decode(self.encode(images))
 
 
-Module = TAESD  # the family contract (flax_vae.family)
+# the family contract (flax_vae.family)
+Config = TAESDConfig
+Module = TAESD

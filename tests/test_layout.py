@@ -1,5 +1,6 @@
 """The install layout and the layering: one import name, imports that run one way, a lean `import flax_vae`."""
 import ast
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -16,8 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def installed(tmp_path_factory):
     """The wheel built from this checkout, and a folder it is installed into (without dependencies)."""
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", out, ROOT],
-                   check=True, cwd=out)
+    source = out / "source"  # a copy: an in-tree build/ folder would outlive files deleted from the checkout
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".*", "build", "dist", "site", "*.egg-info",
+                                                                "__pycache__", "demo_out", "reconstructions"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", out,
+                    source], check=True, cwd=out)
     [wheel] = out.glob("flax_vae-*.whl")
     target = out / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", target, wheel],
