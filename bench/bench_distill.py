@@ -1,4 +1,4 @@
-"""Distillation acceptance run: a half-width TAESD-style decoder for the TAEF2 latent space (train/README.md).
+"""Distillation acceptance run: a half-width TAESD-style decoder for the TAEF2 latent space (docs/distillation.md).
 
     python bench/bench_distill.py --out /tmp/distill-taef2-half            # data folders, then the run
     python bench/bench_distill.py --out /tmp/distill-taef2-half --plot-only  # the curve PNG and table again
@@ -79,7 +79,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="run folder (photos go next to it in OUT-data/)")
     parser.add_argument("--plot-only", action="store_true")
-    parser.add_argument("--png", default="train/distill_taef2_half.png")
+    parser.add_argument("--png", default="docs/images/distill_taef2_half.png")
     args, recipe = parser.parse_known_args()  # the rest goes to train.distill (override the recipe's flags)
     run, photos = Path(args.out), Path(args.out + "-data")
     if not args.plot_only:

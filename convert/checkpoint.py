@@ -10,9 +10,7 @@ import numpy as np
 import safetensors
 import safetensors.flax
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the model; the message names file and keys."""
+from flax_vae.errors import CheckpointError
 
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")  # pickles: read with torch's restricted unpickler only

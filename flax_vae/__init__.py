@@ -6,9 +6,9 @@ data parallelism, image helpers, and `CheckpointError`.
 from . import family
 from .autoencoder import (Autoencoder, crop_to_multiple, decode_fn, decode_uint8_fn, encode_fn, pack_uint8,
                           posterior_fn, scale_latents_fn, unpack_uint8, unscale_latents_fn)
-from .convert import CheckpointError
 from .dcae import PRESETS as DCAE_PRESETS
 from .dcae import DCAE, DCAEConfig
+from .errors import CheckpointError
 from .images import read_image, to_pil, to_uint8
 from .kl import PRESETS as KL_PRESETS
 from .kl import AutoencoderKL, KLConfig

@@ -1,4 +1,10 @@
-"""The public model object and the pure encode/decode functions."""
+"""The public model object and the pure encode/decode functions.
+
+Conventions, every family: images are NHWC (N, H, W, 3) floats in [-1, 1], H and W multiples of the model's
+`factor`; raw latents are NHWC (N, H/f, W/f, C) in the model's own range (`scale_latents` maps them to the
+diffusion model's latent space). `Autoencoder` checks its inputs; the pure `*_fn` functions do not, for use
+inside your own jit, scan, vmap or grad.
+"""
 import dataclasses
 import functools
 from typing import Any
@@ -44,6 +50,7 @@ def scale_latents_fn(module: nn.Module, params, z):
 
 
 def unscale_latents_fn(module: nn.Module, params, z):
+    """Pure: the diffusion model's latents -> raw latents (the inverse of `scale_latents_fn`)."""
     return module.apply({"params": params}, z, method=module.unscale_latents)
 
 
@@ -58,6 +65,11 @@ _unscale = jax.jit(unscale_latents_fn, static_argnums=0)
 
 @dataclasses.dataclass(frozen=True)
 class Autoencoder:
+    """A loaded autoencoder: its config, Flax module and parameters, with checked, compiled encode and decode.
+
+    Made by `flax_vae.load`. Calls compile once per input shape and dtype. Inputs are checked (shape, channels,
+    dtype, finite, images within [-1.5, 1.5]) and outputs are checked for NaN/inf (FloatingPointError); the pure
+    functions (`encode_fn`, `decode_fn`, ...) skip both."""
     config: Any  # the family's frozen config dataclass
     module: nn.Module
     params: Any  # {"encoder": ..., "decoder": ...}; either may be absent
@@ -65,10 +77,12 @@ class Autoencoder:
 
     @property
     def factor(self) -> int:
+        """Image pixels per latent along each side (8 or 32)."""
         return self.config.factor
 
     @property
     def dtype(self):
+        """The compute dtype."""
         return self.module.dtype
 
     def encode(self, images, key=None, tile=None):
@@ -88,7 +102,8 @@ class Autoencoder:
         return self._finite(_encode(self.module, self.params, jnp.asarray(self._images(images)), key=key), "encode")
 
     def posterior(self, images):
-        """The posterior's (mean, logvar), each (N, H/f, W/f, C) (families with one: KL)."""
+        """(N, H, W, 3) in [-1, 1] -> the posterior's (mean, logvar), each (N, H/f, W/f, C), logvar clipped to
+        [-30, 20] (families with one, `config.has_posterior`: KL)."""
         self._require_posterior()
         return self._finite(_posterior(self.module, self.params, jnp.asarray(self._images(images))), "encode")
 
@@ -118,6 +133,7 @@ class Autoencoder:
         return _scale(self.module, self.params, z)
 
     def unscale_latents(self, z):
+        """The diffusion model's latents -> raw latents, ready for `decode`."""
         return _unscale(self.module, self.params, z)
 
     def _images(self, images):
@@ -161,6 +177,7 @@ class Autoencoder:
 
 
 def as_tiling(tile) -> tiling.Tiling:
+    """A Tiling, or a tile size in image pixels made into one."""
     return tile if isinstance(tile, tiling.Tiling) else tiling.Tiling(size=int(tile))
 
 
@@ -216,6 +233,6 @@ def unpack_uint8(packed):
 
 
 def crop_to_multiple(images, factor: int):
-    """Crop (N, H, W, C) from the top-left to the largest multiple of `factor`."""
+    """Crop (N, H, W, C) from the top-left to (N, H // factor * factor, W // factor * factor, C)."""
     h, w = images.shape[1] // factor * factor, images.shape[2] // factor * factor
     return images[:, :h, :w]

@@ -9,17 +9,16 @@ mode: centre crop to the bucket's aspect ratio, resize to the bucket). The crop 
 image's pixels, so the SDXL size conditioning follows from it (see `Preprocessing.target_size`).
 """
 import dataclasses
-import io
 import math
 import tarfile
 from pathlib import Path
 
 import grain
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
-EXIF_ORIENTATION = 0x0112
+from .images import EXIF_ORIENTATION, IMAGE_SUFFIXES, open_image  # noqa: F401  EXIF_ORIENTATION: for callers
+
 RESAMPLE = Image.Resampling.BICUBIC
 
 
@@ -52,7 +51,7 @@ def discover(source) -> tuple[list[Item], list[dict]]:
     items, problems = [], []
     for path in files:
         key, suffix = path.relative_to(base).as_posix(), path.suffix.lower()
-        if suffix in IMAGE_EXTENSIONS:
+        if suffix in IMAGE_SUFFIXES:
             items.append(Item(key, str(path)))
         elif suffix == ".tar":
             problems += _tar_members(path, key, items)
@@ -64,7 +63,7 @@ def _tar_members(path, key, items) -> list[dict]:
     try:
         with tarfile.open(path, "r:") as tar:
             for m in tar:  # reads the headers only, seeking past the members' data
-                if m.isfile() and Path(m.name).suffix.lower() in IMAGE_EXTENSIONS:
+                if m.isfile() and Path(m.name).suffix.lower() in IMAGE_SUFFIXES:
                     items.append(Item(f"{key}/{m.name}", str(path), m.offset_data, m.size))
     except (tarfile.TarError, OSError) as e:
         return [{"key": key, "reason": f"damaged or not a plain (uncompressed) tar file: {e}; "
@@ -113,21 +112,23 @@ class Preprocessing:
 
     def load(self, data: bytes):
         """Encoded image bytes -> (pixels (h, w, 3) uint8 at the target size, original (height, width),
-        crop box (top, left, bottom, right) in original pixels). Raises on anything that is not a usable image."""
-        try:
-            im = Image.open(io.BytesIO(data))
-        except UnidentifiedImageError:
-            raise ValueError("not an image (or a format Pillow cannot read)") from None
-        turned = im.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)  # shown rotated by 90 degrees
-        width, height = im.size[::-1] if turned else im.size
-        if min(height, width) < self.min_size:
-            raise ValueError(f"{height}x{width} is smaller than the minimum size {self.min_size}")
+        crop box (top, left, bottom, right) in original pixels). Read by `images.open_image` (as shown: EXIF
+        orientation, alpha on white, 16-bit scaled). Raises ValueError on anything that is not a usable image."""
+        shown = []
+
+        def draft(width, height):  # the shown size, from the header: skip or plan the crop before decoding
+            if min(height, width) < self.min_size:
+                raise ValueError(f"{height}x{width} is smaller than the minimum size {self.min_size}")
+            shown.append((height, width))
+            th, tw = self.target_size(height, width)
+            top, left, bottom, right = centre_crop(height, width, th, tw)
+            # JPEG: decode at the largest power-of-two reduction that keeps at least the final scale
+            return math.ceil(width * tw / (right - left)), math.ceil(height * th / (bottom - top))
+
+        im = open_image(data, draft)
+        (height, width), = shown
         th, tw = self.target_size(height, width)
         top, left, bottom, right = box = centre_crop(height, width, th, tw)
-        # JPEG: decode at the largest power-of-two reduction that keeps at least the final scale (much faster)
-        need = (math.ceil(width * tw / (right - left)), math.ceil(height * th / (bottom - top)))
-        im.draft("RGB", need[::-1] if turned else need)
-        im = ImageOps.exif_transpose(im).convert("RGB")
         sx, sy = im.width / width, im.height / height
         pixels = im.resize((tw, th), RESAMPLE, box=(left * sx, top * sy, min(right * sx, im.width),
                                                      min(bottom * sy, im.height)))

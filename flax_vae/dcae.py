@@ -153,8 +153,8 @@ def conv(features, kernel=3, groups=1, use_bias=True, name=None, dtype=jnp.float
 
 class DepthwiseConv(nn.Module):
     """kxk conv of each channel on its own (stride 1, zero padding k//2); the parameters of a grouped
-    nn.Conv (kernel (k, k, 1, C)). Written as k*k shifted multiply-adds, which XLA fuses into one pass:
-    its grouped convolution with thousands of groups is about 4x slower on CPU."""
+    nn.Conv (kernel (k, k, 1, C)). Written as k*k shifted multiply-adds, which XLA fuses into one pass: its
+    grouped convolution with thousands of groups is slower on CPU."""
     kernel_size: int
     use_bias: bool = True
     dtype: Any = jnp.float32

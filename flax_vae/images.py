@@ -1,26 +1,112 @@
-"""Images in and out: files <-> float arrays in [-1, 1], PSNR, side-by-side PNG grids."""
+"""Images in and out: files <-> float arrays in [-1, 1], PSNR, side-by-side PNG grids.
+
+`open_image` is the one reader of image files in flax-vae (the CLI, encode-dataset, distillation): whatever the
+file's mode, it returns 8-bit RGB as the image is meant to be seen (EXIF orientation applied, 16-bit and float
+data scaled rather than clipped, alpha composited onto `BACKGROUND`), or raises a one-line ValueError.
+"""
+import contextlib
+import io
+import re
+import struct
+import threading
+import warnings
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 ASSETS = Path(__file__).parent / "assets"
 BUNDLED_PHOTOS = tuple(ASSETS / f"{n}.png" for n in ("astronaut", "coffee", "chelsea"))
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")  # read by folder searches
+BACKGROUND = (255, 255, 255)  # alpha is composited onto white, everywhere in flax-vae
+EXIF_ORIENTATION = 0x0112
+TURNED = (5, 6, 7, 8)  # EXIF orientations shown rotated by 90 degrees: width and height swap
+# Pillow errors from damaged or unsupported files (UnidentifiedImageError and truncation are OSErrors)
+READ_ERRORS = (OSError, SyntaxError, struct.error, EOFError, IndexError, TypeError, ValueError)
+# warnings.catch_warnings changes process-wide state: one thread at a time. Opening reads the header only (in Python,
+# under the GIL), so threads that decode in parallel (encode-dataset) lose nothing to this lock.
+_opening = threading.Lock()
+
+
+def open_image(source, draft=None) -> Image.Image:
+    """An image file (a path, or its bytes) -> a PIL image in mode "RGB", 8 bits per channel, as it is shown:
+    the EXIF orientation applied; the first frame of an animation (GIF, WebP, APNG); 16-bit and 32-bit integer
+    data (I;16*, I) scaled from 0..65535 to 0..255 (/257) and float data (F) from [0, 1], not clipped; alpha
+    (RGBA, LA, PA, palette or gray transparency) composited onto `BACKGROUND`; grayscale, 1-bit, palette, CMYK,
+    YCbCr and LAB converted by Pillow.
+
+    `draft`: an optional (width, height) the caller needs at least (as shown), or a function of the shown
+    (width, height), read from the header before anything is decoded, returning one (or None); JPEGs are then
+    decoded at the largest power-of-two reduction that keeps it (much faster). Images with more pixels than
+    PIL.Image.MAX_IMAGE_PIXELS are refused before decoding. Raises ValueError, naming the file for a path."""
+    name = "" if isinstance(source, (bytes, bytearray, memoryview)) else f"{source}: "
+    with _reading(name), _opening, warnings.catch_warnings():  # the size check below replaces Pillow's warning
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        im = Image.open(io.BytesIO(source) if not name else source)
+    with im:
+        if Image.MAX_IMAGE_PIXELS and im.width * im.height > Image.MAX_IMAGE_PIXELS:
+            raise _too_large(name, f"{im.width}x{im.height} ({im.width * im.height} pixels)")
+        with _reading(name):
+            turned = im.getexif().get(EXIF_ORIENTATION, 1) in TURNED
+        shown = im.size[::-1] if turned else im.size
+        if callable(draft):
+            draft = draft(*shown)  # outside _reading: the caller's own errors pass unchanged
+        with _reading(name):
+            if draft:
+                im.draft("RGB", tuple(draft)[::-1] if turned else tuple(draft))
+            return _rgb(ImageOps.exif_transpose(im))
+
+
+def _rgb(im: Image.Image) -> Image.Image:
+    """Any Pillow mode -> "RGB" (8 bits): high bit depths scaled, alpha composited onto BACKGROUND."""
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):  # convert("RGB") would clip them at 255
+        x = np.asarray(im, np.float32) * (255 if im.mode == "F" else 1 / 257)
+        im = Image.fromarray(np.clip(np.round(x), 0, 255).astype(np.uint8))
+    if im.has_transparency_data:
+        im = Image.alpha_composite(Image.new("RGBA", im.size, BACKGROUND), im.convert("RGBA"))
+    return im.convert("RGB")
+
+
+@contextlib.contextmanager
+def _reading(name):
+    """Pillow's many errors for a damaged, truncated or unsupported file -> one one-line ValueError."""
+    try:
+        yield
+    except Image.DecompressionBombError as e:  # over twice the limit (or a GIF frame, TIFF tile): Pillow's refusal
+        raise _too_large(name, (re.search(r"\d+ pixels", str(e)) or ["an image"])[0]) from None
+    except UnidentifiedImageError:
+        raise ValueError(f"{name}not a readable image: not an image (or a format Pillow cannot read)") from None
+    except READ_ERRORS as e:
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise ValueError(f"{name}not a readable image: {reason}") from None
+
+
+def _too_large(name, size) -> ValueError:
+    return ValueError(f"{name}{size} is more than PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS} pixels "
+                      f"(Pillow's guard against decompression bombs); to read it, raise PIL.Image.MAX_IMAGE_PIXELS "
+                      f"(None: no limit)")
 
 
 def read_image(path) -> np.ndarray:
-    """An image file -> (H, W, 3) float32 in [-1, 1]."""
-    try:
-        with Image.open(path) as im:
-            rgb = np.asarray(im.convert("RGB"), dtype=np.float32)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable image: {e}") from None
-    return rgb / 127.5 - 1
+    """An image file (see `open_image`) -> (H, W, 3) float32 in [-1, 1]."""
+    return np.asarray(open_image(path), np.float32) / 127.5 - 1
 
 
-def to_uint8(x) -> np.ndarray:
-    """[-1, 1] floats -> uint8 (clamped)."""
-    return np.round((np.clip(np.asarray(x, np.float32), -1, 1) + 1) * 127.5).astype(np.uint8)
+def to_uint8(x):
+    """[-1, 1] floats -> uint8 (clamped), any shape: (H, W, 3), (N, H, W, 3). jax arrays (traced ones too) are
+    converted where they are, as a jax array; anything else on the host, as numpy."""
+    xp = jnp if isinstance(x, jax.Array) else np
+    return xp.round((xp.clip(xp.asarray(x, xp.float32), -1, 1) + 1) * 127.5).astype(xp.uint8)
+
+
+def to_pil(x) -> Image.Image:
+    """One (H, W, 3) image in [-1, 1] -> an RGB PIL image (clamped)."""
+    x = to_uint8(x)
+    if x.ndim != 3 or x.shape[-1] != 3:
+        raise ValueError(f"to_pil: expected one (H, W, 3) image, got shape {x.shape}")
+    return Image.fromarray(np.asarray(x))
 
 
 def psnr(a, b) -> float:

@@ -443,8 +443,8 @@ class AutoencoderKL(nn.Module):
     attention_chunk: int = 1024  # tokens per query/key chunk in the mid-block attention
     # Decoder stages whose widest activation is above band_above bytes per image (None: never), and all after
     # them, run in bands of band_rows output rows (`decode_in_bands`): the same result, holding only a block's
-    # input and output whole, in ~1.2x the time. SD's VAE in float32: 512x512 unbanded (its widest activation is
-    # 256 MiB), 1024x1024 in bands from the 512x512 stage on (1098 MiB of XLA temporaries instead of 3584).
+    # input and output whole, in a little more time. SD's VAE in float32: 512x512 unbanded (its widest activation
+    # is 256 MiB), 1024x1024 in bands from the 512x512 stage on (figures: docs/benchmarks.md).
     band_above: int | None = 2**28
     band_rows: int = 64
 

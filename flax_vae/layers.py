@@ -12,12 +12,11 @@ class Conv3x3(nn.Module):
     Winograd's F(2x2, 3x3) computes each 2x2 output tile from the 4x4 input tile around it: both transformed by
     small fixed matrices (additions only for the input, halves for the kernel), multiplied channel-wise as 16
     (tiles, C) x (C, F) matrix products, transformed back. That is 16/36 of the multiply-adds, with the error of
-    a direct convolution (measured 1e-6 relative to a float64 one, like XLA's). On this 2-core CPU, per call at
-    batch 1: 128x128x512 0.40 s against XLA's 0.70 s, 256x256x256 0.52 s against 0.72 s, 64x64x512 0.105
-    against 0.119, 32x32x512 0.022 against 0.035; below 16x16 its fixed costs lose (8x8x512: 10 ms against 4), and
-    at 512x512x128 the transforms' memory traffic eats the gain (0.73 against 0.77). The transformed input and
-    products take 4x the input's and output's memory, so `winograd=None` picks it where it pays: CPU, both widths
-    >= 256, at least 16x16 and at most 64 MiB of input per image, even height and width. GPUs keep cuDNN.
+    a direct convolution (about 1e-6 relative to a float64 one, like XLA's). Below 16x16 its fixed costs lose,
+    and narrow layers are bound by the transforms' memory traffic; the transformed input and products take 4x the
+    input's and output's memory. So `winograd=None` picks it where it pays: CPU, both widths >= 256, at least
+    16x16 and at most 64 MiB of input per image, even height and width. GPUs keep cuDNN. Per-layer timings:
+    docs/benchmarks.md.
     """
     features: int
     use_bias: bool = True
@@ -120,7 +119,7 @@ class DownsampleConv(nn.Module):
     With input x split into its four phases x[r::2, c::2], output pixel (i, j) reads kernel tap a from input
     row 2i + a - pad: the taps split by the parity of that row into a 1- or 2-tap kernel per phase, so the
     result is the sum of four small stride-1 convolutions at the output's resolution (the same multiply-adds;
-    XLA's strided convolution is 1.5-1.9x slower on CPU). pad 1 is PyTorch's padding=1; pad 0 is the
+    XLA's strided convolution is slower on CPU). pad 1 is PyTorch's padding=1; pad 0 is the
     (0, 1) padding of the Stable Diffusion VAE's encoder. Parameters: nn.Conv(features, (3, 3))'s.
     """
     features: int

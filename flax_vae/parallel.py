@@ -159,6 +159,9 @@ class DataParallel:
 def data_parallel(vae: Autoencoder, mesh: Mesh | None = None, use_pmap: bool = False) -> DataParallel:
     """`vae` with the batch split over the first axis of `mesh` (default: every device of every process).
 
+    The result has `vae`'s encode / posterior / decode / decode_uint8 API; each process passes and gets back its
+    own rows (NHWC, any count: batches are padded and trimmed).
+
     use_pmap: run through `jax.pmap` over this process's devices instead of `jax.jit` with shardings (same results;
     for code that still uses pmap)."""
     mesh = default_mesh() if mesh is None else mesh

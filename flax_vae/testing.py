@@ -53,8 +53,8 @@ def model(name, dtype=jnp.float32) -> Autoencoder:
 
 
 def random_params(config, seed=0):
-    """Seeded random parameters for `config`, made on the host (running a full configuration's Flax init takes
-    XLA half a minute on a CPU). Kernels ~ N(0, 1 / fan_in) (Flax's lecun_normal, untruncated); norm scales and
+    """Seeded random parameters for `config`, made on the host (a full configuration's Flax init compiles and
+    runs the whole model). Kernels ~ N(0, 1 / fan_in) (Flax's lecun_normal, untruncated); norm scales and
     variances 1; biases and means 0."""
     rng = np.random.default_rng(seed)
 

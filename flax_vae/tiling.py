@@ -18,6 +18,8 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class Tiling:
+    """How to cut images (encode) or latents (decode) into tiles; all lengths in image pixels, multiples of the
+    model's factor. Pass as `tile=` to `Autoencoder.encode` / `decode` / `decode_uint8`."""
     size: int | None = 512  # tile side, image pixels; None: whole images (only the batch is sliced)
     overlap: int = 128  # image pixels shared by neighbouring tiles (at least; tiles spread evenly)
     blend: int | None = None  # cross-fade width in image pixels, centred in the overlap; default overlap // 2

@@ -1,5 +1,6 @@
 """Loading every TAESD format, strictness, corrupt files, and export (flax-vae, diffusers, madebyollin)."""
 import hashlib
+import json
 import pickle
 import shutil
 import zipfile
@@ -192,3 +193,85 @@ def test_layouts_diffusers_cannot_express_are_refused_clearly(tmp_path):
         with pytest.raises(CheckpointError, match=f"cannot express the {why}.*--to madebyollin"):
             flax_vae.save(flax_vae.load(name), tmp_path / name, to="diffusers")
         assert not (tmp_path / name).exists()
+
+
+# ---- config.json: every field checked on load, one line naming the field
+
+def _small(family_name):
+    from flax_vae.testing import CONFIGS, random_params
+    config = CONFIGS[f"{family_name}-small"]
+    return flax_vae.Autoencoder(config, flax_vae.family.module(config), random_params(config), "small")
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """{(family, format): folder} of small models."""
+    root, out = tmp_path_factory.mktemp("configs"), {}
+    for name, vae in (("taesd", flax_vae.load("taesd")), ("kl", _small("kl")), ("dcae", _small("dcae"))):
+        for to in ("diffusers", "flax"):
+            flax_vae.save(vae, root / f"{name}-{to}", to=to)
+            out[name, to] = root / f"{name}-{to}"
+    return out
+
+
+@pytest.mark.parametrize("family_name,to,field,value", [
+    ("taesd", "diffusers", "latent_channels", "four"),
+    ("taesd", "diffusers", "scaling_factor", None),
+    ("taesd", "diffusers", "num_encoder_blocks", 3),
+    ("taesd", "flax", "latent_channels", "four"),
+    ("taesd", "flax", "width", 10**12),
+    ("taesd", "flax", "scaling_factor", float("nan")),
+    ("taesd", "flax", "midblock_gn", "yes"),
+    ("kl", "diffusers", "block_out_channels", 7),
+    ("kl", "diffusers", "latent_channels", -3),
+    ("kl", "diffusers", "layers_per_block", float("inf")),
+    ("kl", "flax", "norm_num_groups", 2.5),
+    ("kl", "flax", "latents_mean", [1, "x"]),
+    ("dcae", "diffusers", "encoder_block_out_channels", {"a": 1}),
+    ("dcae", "diffusers", "attention_head_dim", "32"),
+    ("dcae", "flax", "encoder_depths", [1, 1, 1, 1, 1, None]),
+])
+def test_bad_config_fields_are_named_in_one_line(saved, tmp_path, family_name, to, field, value):
+    folder = tmp_path / "m"
+    shutil.copytree(saved[family_name, to], folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (cfg["config"] if to == "flax" else cfg)[field] = value
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError) as e:
+        flax_vae.load(folder)
+    assert field in str(e.value) and str(folder) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_missing_config_fields_take_the_defaults(saved, tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(saved["kl", "diffusers"], folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    del cfg["scaling_factor"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    assert flax_vae.load(folder).config.scaling_factor == flax_vae.KLConfig().scaling_factor
+    (folder / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="expected a JSON object"):
+        flax_vae.load(folder)
+
+
+# ---- writing into folders: never into a non-empty one by accident, and never a mix of old and new files
+
+def test_save_refuses_a_non_empty_folder_and_overwrite_replaces_it_whole(tmp_path):
+    out = tmp_path / "out"
+    flax_vae.save(flax_vae.load("taef2"), out, to="madebyollin")
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(CheckpointError, match="not empty.*overwrite"):
+        flax_vae.save(flax_vae.load("taesd"), out, to="madebyollin")
+    assert sorted(p.name for p in out.iterdir()) == before  # untouched
+    flax_vae.save(flax_vae.load("taesd"), out, to="flax", overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "params.safetensors"]  # no stale files
+    assert flax_vae.load(out).name == "taesd"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folders left beside it
+
+
+def test_a_failed_export_leaves_the_folder_as_it_was(tmp_path):
+    out = tmp_path / "out"
+    flax_vae.save(flax_vae.load("taesd"), out)
+    with pytest.raises(CheckpointError, match="madebyollin format holds TAESD models only"):
+        flax_vae.save(_small("kl"), out, to="madebyollin", overwrite=True)
+    assert flax_vae.load(out).name == "taesd" and [p.name for p in tmp_path.iterdir()] == ["out"]

@@ -1,1 +1,1 @@
-"""Distillation of tiny TAESD-style autoencoders from any flax-vae teacher (see train/README.md)."""
+"""Distillation of tiny TAESD-style autoencoders from any flax-vae teacher (see docs/distillation.md)."""

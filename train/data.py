@@ -2,13 +2,16 @@
 
 Each image is kept as a small pyramid (scales 1, 3/4, 1/2, 3/8), so one crop size sees both detail and layout.
 Augmentations: random scale, position, horizontal flip, rotation by 90 degrees, brightness/contrast/saturation.
+Images are read by `flax_vae.images.open_image` (as shown: EXIF orientation, alpha on white, 16-bit scaled); the
+unreadable ones are skipped and recorded, as encode-dataset does.
 """
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+from flax_vae.images import IMAGE_SUFFIXES, open_image
+
 SCALES = (1.0, 0.75, 0.5, 0.375)
 
 
@@ -16,31 +19,40 @@ def image_files(folder) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"data folder {folder}: not a folder")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file())
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
-        raise ValueError(f"data folder {folder}: no images ({', '.join(sorted(SUFFIXES))})")
+        raise ValueError(f"data folder {folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
     return files
 
 
-def read_rgb(path) -> Image.Image:
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable image: {e}") from None
+def readable(files, skipped: list):
+    """The readable files in `files` as RGB PIL images; the others are appended to `skipped` as (path, reason)."""
+    for path in files:
+        try:
+            yield open_image(path)
+        except ValueError as e:
+            skipped.append((Path(path), str(e).removeprefix(f"{path}: ")))
+
+
+def _none_readable(skipped) -> ValueError:
+    return ValueError(f"none of the {len(skipped)} images is readable: "
+                      + "; ".join(f"{path}: {reason}" for path, reason in skipped[:3])
+                      + ("; ..." if len(skipped) > 3 else ""))
 
 
 class Crops:
-    """Random augmented square crops of the images in `files`, as (N, size, size, 3) float32 in [-1, 1]."""
+    """Random augmented square crops of the images in `files`, as (N, size, size, 3) float32 in [-1, 1].
+    Unreadable files are skipped: `skipped` lists them as (path, reason); none readable raises ValueError."""
 
     def __init__(self, files, max_crop: int):
-        self.pyramids = []
-        for path in files:
-            im = read_rgb(path)
+        self.pyramids, self.skipped = [], []
+        for im in readable(files, self.skipped):
             if min(im.size) < max_crop:  # small images are upscaled so that every crop size fits
                 im = im.resize([round(s * max_crop / min(im.size)) for s in im.size], Image.BICUBIC)
             self.pyramids.append([np.asarray(im.resize([round(s * scale) for s in im.size], Image.LANCZOS))
                                   for scale in SCALES if min(im.size) * scale >= max_crop / 2])
+        if not self.pyramids:
+            raise _none_readable(self.skipped)
 
     def sample(self, rng: np.random.Generator, n: int, size: int) -> np.ndarray:
         out = np.empty((n, size, size, 3), np.float32)
@@ -63,13 +75,17 @@ def jitter(x, rng, strength=0.1):
     return np.clip(x + strength * rng.uniform(-1, 1), -1, 1)  # brightness
 
 
-def eval_images(files, size: int) -> np.ndarray:
-    """Held-out images: the short side resized to `size`, the centre `size` x `size` square. (N, size, size, 3)."""
+def eval_images(files, size: int, skipped: list | None = None) -> np.ndarray:
+    """Held-out images: the short side resized to `size`, the centre `size` x `size` square. (N, size, size, 3)
+    float32 in [-1, 1], N the readable files (the others are appended to `skipped` as (path, reason), when given);
+    none readable raises ValueError."""
     out = []
-    for path in files:
-        im = read_rgb(path)
+    skipped = [] if skipped is None else skipped
+    for im in readable(files, skipped):
         scale = size / min(im.size)
         im = im.resize([max(size, round(s * scale)) for s in im.size], Image.LANCZOS)
         left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
         out.append(np.asarray(im.crop((left, top, left + size, top + size)), np.float32) / 127.5 - 1)
+    if not out:
+        raise _none_readable(skipped)
     return np.stack(out)
