@@ -17,7 +17,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from .images import EXIF_ORIENTATION, IMAGE_SUFFIXES, open_image  # noqa: F401  EXIF_ORIENTATION: for callers
+from .images import IMAGE_SUFFIXES, open_image
 
 RESAMPLE = Image.Resampling.BICUBIC
 

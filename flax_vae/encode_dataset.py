@@ -41,9 +41,10 @@ from tqdm import tqdm
 
 from . import parallel
 from .autoencoder import Autoencoder, encode_fn, posterior_fn
-from .layers import sample_gaussian
 from .convert.checkpoint import write_atomic
 from .dataset import Loaded, Preprocessing, discover, load_in_parallel
+from .images import IMAGE_SUFFIXES
+from .layers import sample_gaussian
 from .loading import load
 
 FORMAT = "flax-vae latents v1"
@@ -102,7 +103,7 @@ def encode_dataset(model, input, output, *, resolution=512, buckets=False, bucke
     preprocessing = Preprocessing(resolution, buckets, bucket_step, resolution // 2 if min_size is None else min_size)
     items, unreadable = discover(input)
     if not items:
-        raise ValueError(f"input {input}: no images (.jpg, .jpeg, .png, .webp, or inside .tar files)")
+        raise ValueError(f"input {input}: no images ({', '.join(IMAGE_SUFFIXES)}, or inside .tar files)")
     stored = ["latents"] + ["logvar"] * logvar + ["samples"] * sample
     job = _job(vae, preprocessing, items, shard_size, stored, seed)
     process, processes = jax.process_index(), jax.process_count()
@@ -347,11 +348,18 @@ def verify(output) -> tuple[dict, list[str]]:
     each array's row count, every image in the unit it belongs to and in one shard only, the totals.
     Returns (manifest, problems); no problems means it all checks out."""
     output = Path(output)
+    if not output.is_dir():
+        raise ValueError(f"{output}: no such folder" if not output.exists() else f"{output}: not a folder")
+    if not (output / "manifest.json").is_file():
+        if (output / "job.json").is_file():
+            raise ValueError(f"{output}: an unfinished encode-dataset job (job.json, no manifest.json yet): run the "
+                             f"same encode-dataset command again to finish it")
+        raise ValueError(f"{output}: not an encode-dataset output (no manifest.json); encode-dataset writes one when "
+                         f"it finishes")
     try:
         manifest = json.loads((output / "manifest.json").read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{output}: no manifest.json (the job has not finished: run it again to complete it)") \
-            from None
+    except ValueError as e:
+        raise ValueError(f"{output / 'manifest.json'}: not valid JSON ({e})") from None
     problems, seen = [], set()
     shard_size, stored = manifest["shard_size"], manifest["stored"]
     for unit, shard in enumerate(manifest["shards"]):

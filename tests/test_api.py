@@ -90,8 +90,8 @@ def test_cli_reconstruct_info_convert(tmp_path, capsys):
     Image.fromarray(((X[0] + 1) * 127.5).astype(np.uint8)).save(tmp_path / "in.png")
     cli.main(["reconstruct", str(tmp_path / "in.png"), "--model", "taesd", "--out", str(tmp_path / "out")])
     out = capsys.readouterr().out
-    assert "PSNR" in out and (tmp_path / "out" / "in_reconstruction.png").is_file()
-    assert Image.open(tmp_path / "out" / "in_reconstruction.png").size == (2 * 96, 64 + 4)
+    assert "PSNR" in out and (tmp_path / "out" / "in.png.reconstruction.png").is_file()
+    assert Image.open(tmp_path / "out" / "in.png.reconstruction.png").size == (2 * 96, 64 + 4)
     cli.main(["info", "taesana"])
     out = capsys.readouterr().out
     assert "factor      32" in out and "encoder" in out and "float16" in out

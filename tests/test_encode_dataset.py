@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 import flax_vae
-from flax_vae import cli, dataset, encode_dataset, kl
+from flax_vae import cli, dataset, encode_dataset, images, kl
 from flax_vae.autoencoder import Autoencoder
 from flax_vae.encode_dataset import read_shard, verify
 from flax_vae.images import BUNDLED_PHOTOS
@@ -271,7 +271,7 @@ def test_centre_crop_stays_inside_the_image():
 def test_exif_orientation_and_jpeg_draft():
     photo = Image.open(BUNDLED_PHOTOS[1]).convert("RGB")  # coffee, 400x600
     exif = Image.Exif()
-    exif[dataset.EXIF_ORIENTATION] = 6  # stored sideways, shown rotated 90 degrees clockwise
+    exif[images.EXIF_ORIENTATION] = 6  # stored sideways, shown rotated 90 degrees clockwise
     stored = photo.transpose(Image.Transpose.ROTATE_90)
     pre = dataset.Preprocessing(64, buckets=True, bucket_step=16)
     upright = pre.load(_encoded(photo, "PNG"))

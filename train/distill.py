@@ -1,4 +1,4 @@
-"""Distil a tiny TAESD-style autoencoder from any teacher flax-vae loads (the recipe: train/README.md).
+"""Distil a tiny TAESD-style autoencoder from any teacher flax-vae loads (the recipe: docs/distillation.md).
 
     python -m flax_vae.train.distill --teacher taef2 --student taesd-half --data photos/ --out runs/taef2-half
 
@@ -11,6 +11,7 @@ and the batch of step s are pure functions of (seed, k) and (seed, s), so `--res
 import argparse
 import dataclasses
 import json
+import os
 import re
 import sys
 import time
@@ -127,7 +128,10 @@ class Distiller:
             held = max(1, len(train_files) // 8)
             train_files, eval_files = train_files[:-held], train_files[-held:]
         self.train_files, self.eval_files = train_files, eval_files
+        # unreadable images are skipped (listed in self.skipped as (path, reason)); none readable is an error
         self.crops = data.Crops(train_files, max(size for _, size in self.schedule))
+        self.skipped = list(self.crops.skipped)
+        self.held_images = data.eval_images(eval_files, cfg.eval_size, self.skipped)
 
         self.teacher = flax_vae.load(cfg.teacher)
         needed = ("encoder", "decoder") if "decoder" in self.parts else ("encoder",)
@@ -301,11 +305,18 @@ class Distiller:
         written = {}
         for to in ("flax", "madebyollin", "diffusers"):
             try:
-                flax_vae.save(vae, folder / to, to=to)
+                flax_vae.save(vae, folder / to, to=to, overwrite=True)  # the run's own folder
                 written[to] = folder / to
             except convert.CheckpointError as e:
                 written[to] = f"not written: {e}"
         return written
+
+
+def skipped_line(skipped, shown=5) -> str:
+    """[(path, reason), ...] -> "skipped 2 unreadable images: a.png (reason), b.png (reason)" (the first few)."""
+    names = [f"{Path(path).name} ({reason})" for path, reason in skipped[:shown]]
+    more = f", and {len(skipped) - shown} more" if len(skipped) > shown else ""
+    return f"skipped {len(skipped)} unreadable image{'s' if len(skipped) != 1 else ''}: {', '.join(names)}{more}"
 
 
 def check_run(cfg: Config, resume: bool) -> Path:
@@ -343,11 +354,15 @@ def distill(cfg: Config, resume: bool = False) -> dict:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
         state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(abstract))
     start, stop = int(state["step"]), min(cfg.until or cfg.steps, cfg.steps)
+    unreadable = {path for path, _ in d.skipped}
+    if d.skipped:
+        print(skipped_line(d.skipped), flush=True)
     print(f"teacher {d.teacher} ({cfg.latents} latents) -> student {d.student_config}, parts {d.parts}, "
-          f"init {d.init_source}; {len(d.train_files)} training images, held out: "
-          f"{', '.join(p.name for p in d.eval_files)}; {d.mesh.devices.size} device(s); from step {start}")
+          f"init {d.init_source}; {len(d.train_files) - len(d.crops.skipped)} training images, held out: "
+          f"{', '.join(p.name for p in d.eval_files if p not in unreadable)}; {d.mesh.devices.size} device(s); "
+          f"from step {start}")
 
-    held = d.teacher_targets(data.eval_images(d.eval_files, cfg.eval_size))
+    held = d.teacher_targets(d.held_images)
     writer = SummaryWriter(str(run / "tensorboard"))
     clock0, (wall0, cpu0) = (time.perf_counter(), time.process_time()), np.asarray(state["clock"]).tolist()
     clock = lambda: (wall0 + time.perf_counter() - clock0[0], cpu0 + time.process_time() - clock0[1])
@@ -397,34 +412,67 @@ def distill(cfg: Config, resume: bool = False) -> dict:
     return out
 
 
-def parse_args(argv=None, prog="python -m flax_vae.train.distill") -> tuple[Config, bool]:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    return config_from_args(args), args.resume
+# --help for the settings whose name does not say it all (the comments of Config, in the command line's words)
+HELP = {
+    "teacher": "the model to distil: a bundled name or a checkpoint, anything flax-vae reconstruct --model takes",
+    "data": "folder of training images (searched recursively; unreadable ones are skipped and listed)",
+    "out": "run folder: checkpoints, TensorBoard logs, grids, export (a new or empty folder, or --resume)",
+    "student": "a preset (" + ", ".join(students.PRESETS) + "), or a JSON file of TAESDConfig fields",
+    "eval_data": "folder of held-out images (default: the last eighth of --data, kept out of training)",
+    "parts": "what to distil: encoder, decoder or encoder,decoder",
+    "latents": "the student's latent space: the teacher's diffusion (scaled) latents or its raw ones",
+    "init": "start from the teacher's weights cut to the student's width, from random ones, or auto: the "
+            "teacher's where possible",
+    "crop": "training crop size, or a schedule SIZE,SIZE@STEP,... (e.g. 64,96@300,128@600)",
+    "optimizer": "adamw, or muon (orthogonalised momentum for the conv kernels, AdamW for the rest)",
+    "warmup": "linear warm-up steps (at most half the steps), then cosine decay to lr / 100",
+    "clip": "clip the global gradient norm to this",
+    "ema": "decay of the exponential moving average of the weights (evaluated, exported)",
+    "gradient_loss": "weight of the L1 loss between image gradients (finite differences)",
+    "loss_pool": "compare decoder outputs average-pooled by this factor",
+    "adversarial": "weight of the latent-conditioned patch discriminator's hinge loss",
+    "pool_size": "crops whose teacher outputs are computed together",
+    "pool_reuse": "training steps served by one pool",
+    "eval_size": "side of the held-out images' centre squares",
+    "keep": "checkpoints kept",
+    "until": "stop after this step with a checkpoint (0: at --steps); continue later with --resume",
+}
+CHOICES = {"optimizer": ("adamw", "muon"), "latents": ("diffusion", "raw"), "init": ("auto", "teacher", "random")}
 
 
 def add_arguments(parser):
     for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
+        flag, text = "--" + f.name.replace("_", "-"), HELP.get(f.name, "")
         if f.default is dataclasses.MISSING:
-            parser.add_argument(flag, required=True, type=f.type)
+            parser.add_argument(flag, required=True, type=f.type, help=text)
         else:
-            parser.add_argument(flag, type=type(f.default), default=f.default, help=f"(default: {f.default})")
+            parser.add_argument(flag, type=type(f.default), default=f.default, choices=CHOICES.get(f.name),
+                                help=f"{text} (default: {f.default})".lstrip() if f.default != "" else text)
     parser.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    parser.add_argument("--debug", action="store_true", help="on an error, show the traceback (as does "
+                        "FLAX_VAE_DEBUG=1)")
 
 
 def config_from_args(args) -> Config:
     return Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
 
 
-def main(argv=None, prog="python -m flax_vae.train.distill"):
-    cfg, resume = parse_args(argv, prog)
+def main(argv=None, prog="python -m flax_vae.train.distill", parser_class=argparse.ArgumentParser, debug=False):
+    """Parse the command line and run; an error is one line on stderr (exit status 1), or with --debug (or
+    FLAX_VAE_DEBUG=1, or `debug`) its traceback."""
+    parser = parser_class(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
     try:
-        distill(cfg, resume)
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
+        distill(config_from_args(args), args.resume)
+    except Exception as e:  # KeyboardInterrupt passes: the checkpoints so far are kept
+        if debug or args.debug or os.environ.get("FLAX_VAE_DEBUG", "") not in ("", "0"):
+            raise
+        lines = str(e).strip().splitlines()
+        message = " ".join(lines[0].split()) if lines else ""
+        if not isinstance(e, (ValueError, OSError)):
+            message = f"{type(e).__name__}: {message} (--debug shows the traceback)"
+        sys.exit(f"error: {message}")
 
 
 if __name__ == "__main__":
