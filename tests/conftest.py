@@ -66,7 +66,9 @@ def run_notebook(path, monkeypatch, workdir):
     shown = []
     display = types.ModuleType("IPython.display")
     display.display = shown.append
-    monkeypatch.setitem(sys.modules, "IPython", types.ModuleType("IPython"))
+    ipython = types.ModuleType("IPython")  # what matplotlib reads from an imported IPython: no running kernel
+    ipython.get_ipython, ipython.version_info = (lambda: None), (8, 30, 0)
+    monkeypatch.setitem(sys.modules, "IPython", ipython)
     monkeypatch.setitem(sys.modules, "IPython.display", display)
     monkeypatch.chdir(workdir)
     namespace = {}
