@@ -36,6 +36,8 @@ EPS_ATTN = 1e-15
 
 @dataclasses.dataclass(frozen=True)
 class DCAEConfig:
+    """A DC-AE variant (frozen, hashable; presets in `PRESETS`). Images (N, H, W, 3) in [-1, 1] <-> raw latents
+    (N, H/factor, W/factor, latent_channels); factor = 2 ** (stages - 1). Every field is checked on construction."""
     latent_channels: int = 32
     encoder_widths: tuple[int, ...] = (128, 256, 512, 512, 1024, 1024)
     encoder_depths: tuple[int, ...] = (2, 2, 2, 3, 3, 3)

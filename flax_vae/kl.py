@@ -31,6 +31,9 @@ FAMILY = "kl"
 
 @dataclasses.dataclass(frozen=True)
 class KLConfig:
+    """An AutoencoderKL variant (frozen, hashable; presets in `PRESETS`). Images (N, H, W, 3) in [-1, 1] <->
+    raw latents (N, H/factor, W/factor, latent_channels); factor = 2 ** (len(block_out_channels) - 1). Every field
+    is checked on construction."""
     latent_channels: int = 4
     block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
     decoder_block_out_channels: tuple[int, ...] | None = None  # None: same as the encoder's

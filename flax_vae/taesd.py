@@ -26,6 +26,8 @@ LATENT_SHIFT = 0.5
 
 @dataclasses.dataclass(frozen=True)
 class TAESDConfig:
+    """A TAESD variant (frozen, hashable; presets in `PRESETS`). Images (N, H, W, 3) in [-1, 1] <-> latents
+    (N, H/factor, W/factor, latent_channels), about [-3, 3]; every field is checked on construction."""
     latent_channels: int = 4
     factor: int = 8  # spatial down/up-sampling: 8 (classic) or 32 (taesana layout)
     width: int = 64
