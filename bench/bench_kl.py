@@ -1,5 +1,7 @@
 """AutoencoderKL speed and memory: flax-vae vs diffusers' PyTorch AutoencoderKL vs diffusers 0.39's FlaxAutoencoderKL.
 
+Implementations: "ours" (flax-vae's pure functions), "shim" (flax_vae.FlaxAutoencoderKL, called as diffusers 0.39's
+class was: NCHW, its params tree), "torch" (diffusers' PyTorch AutoencoderKL) and "old_flax" (diffusers 0.39).
 One SD 1.5 configuration with the same random weights (a diffusers folder written once) is loaded by all three.
 Every configuration runs in its own subprocess, so its peak memory is its own (CPU: peak RSS from getrusage;
 GPU: the framework's peak device allocation). JAX compile time (lower + compile) is reported apart from the
@@ -22,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-IMPLS = ("ours", "torch", "old_flax")
+IMPLS = ("ours", "shim", "torch", "old_flax")
 
 
 # ---- workers (run in a subprocess; old_flax in the diffusers 0.39 environment)
@@ -90,17 +92,21 @@ def worker(impl, op, batch, dtype, folder, reps, device, size):
                 module = module.clone(band_above=None)
             fn = jax.jit(encode_fn if op == "encode" else decode_fn, static_argnums=0)
             lowered = lambda: fn.lower(module, params, inp)
-        else:
-            from diffusers import FlaxAutoencoderKL
-            from safetensors.numpy import load_file
-            config = json.loads((Path(folder) / "config.json").read_text())
-            config = {k: v for k, v in config.items() if not k.startswith("_") and k in (
-                "in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
-                "layers_per_block", "act_fn", "latent_channels", "norm_num_groups", "sample_size",
-                "scaling_factor")}
-            model = FlaxAutoencoderKL(**config, dtype=jdt)
-            params = jax.device_put(_old_flax_params(load_file(str(Path(folder) /
-                                                                   "diffusion_pytorch_model.safetensors"))))
+        else:  # the same calls for diffusers 0.39's class and for flax-vae's drop-in
+            if impl == "shim":
+                from flax_vae import FlaxAutoencoderKL
+                model, params = FlaxAutoencoderKL.from_pretrained(folder, dtype=jdt)
+            else:
+                from diffusers import FlaxAutoencoderKL
+                from safetensors.numpy import load_file
+                config = json.loads((Path(folder) / "config.json").read_text())
+                config = {k: v for k, v in config.items() if not k.startswith("_") and k in (
+                    "in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
+                    "layers_per_block", "act_fn", "latent_channels", "norm_num_groups", "sample_size",
+                    "scaling_factor")}
+                model = FlaxAutoencoderKL(**config, dtype=jdt)
+                params = jax.device_put(_old_flax_params(load_file(str(Path(folder) /
+                                                                       "diffusion_pytorch_model.safetensors"))))
             inp = jnp.asarray(x.transpose(0, 3, 1, 2))  # the old port takes NCHW
             if op == "encode":
                 fn = jax.jit(lambda p, s: model.apply({"params": p}, s, method=model.encode).latent_dist.mean)
@@ -188,20 +194,21 @@ def main():
         print(f"device={args.device} reps={args.reps} (times in s; peak memory in MiB: "
               f"{'peak RSS' if args.device == 'cpu' else 'peak device allocation'})\n")
         if not args.only_1024:
-            print("| op | batch | dtype | impl | compile s | median s | vs old Flax | vs PyTorch | peak MiB |")
-            print("|---|---|---|---|---|---|---|---|---|")
+            print("| op | batch | dtype | impl | compile s | median s | vs ours | vs old Flax | vs PyTorch | peak MiB |")
+            print("|---|---|---|---|---|---|---|---|---|---|")
         for op in [] if args.only_1024 else args.ops:
             for batch in args.batches:
                 for dtype in args.dtypes:
                     rows = {impl: measure(impl, op, batch, dtype, folder, args) for impl in args.impls}
                     for impl, r in rows.items():
                         if "error" in r:
-                            print(f"| {op} | {batch} | {dtype} | {impl} | {r['error']} | | | | |")
+                            print(f"| {op} | {batch} | {dtype} | {impl} | {r['error']} | | | | | |")
                             continue
                         ratio = lambda other: (r["median_s"] / rows[other]["median_s"]
                                                if rows.get(other, {}).get("median_s") else None)
                         print(f"| {op} | {batch} | {dtype} | {impl} | {fmt(r['compile_s'])} | {fmt(r['median_s'])} | "
-                              f"{fmt(ratio('old_flax'), 'x')} | {fmt(ratio('torch'), 'x')} | {r['peak_mb']:.0f} |",
+                              f"{fmt(ratio('ours'), 'x')} | {fmt(ratio('old_flax'), 'x')} | {fmt(ratio('torch'), 'x')} | "
+                              f"{r['peak_mb']:.0f} |",
                               flush=True)
         if not args.no_1024:
             print("\n1024x1024 decode (batch 1, float32), one call each (ours_unbanded: band_above=None):\n")

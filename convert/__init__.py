@@ -5,14 +5,17 @@ import tempfile
 from pathlib import Path
 from typing import Protocol
 
-from . import dcae, kl, native, taesd
+from . import dcae, diffusers_flax, kl, native, taesd
 from .checkpoint import CheckpointError, read_json, read_tensors, write_json, write_safetensors
+from .diffusers_flax import from_diffusers_flax, to_diffusers_flax
 from .rules import from_flax
 
+# A diffusers folder's weights, the first found of these (safetensors, then Flax msgpack, then PyTorch pickles)
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
-                "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin")
+                diffusers_flax.WEIGHTS_FILE, "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin")
 FORMATS = {"kl": kl, "dcae": dcae, "taesd": taesd}  # family -> its format module, most specific file format first
 DIFFUSERS_CLASSES = {cls: fmt for fmt in FORMATS.values() for cls in fmt.DIFFUSERS_CLASSES}
+FLAX_CLASSES = {diffusers_flax.CLASS: diffusers_flax.PYTORCH_CLASS}  # diffusers' Flax class -> the PyTorch one
 
 
 class FormatModule(Protocol):
@@ -63,14 +66,19 @@ def load(source=None, *, encoder=None, decoder=None):
 def _load_diffusers_folder(folder):
     cfg = read_json(folder / "config.json")
     cls = cfg.get("_class_name") if isinstance(cfg, dict) else None
-    if cls not in DIFFUSERS_CLASSES:
+    if isinstance(cls, str) and cls in FLAX_CLASSES:  # the same config fields as the PyTorch class
+        cls = FLAX_CLASSES[cls]
+        cfg = {**cfg, "_class_name": cls}
+    if not isinstance(cls, str) or cls not in DIFFUSERS_CLASSES:
         raise CheckpointError(f"{folder}: unsupported diffusers model {cls!r} "
-                              f"(supported: {', '.join(DIFFUSERS_CLASSES)})")
+                              f"(supported: {', '.join([*DIFFUSERS_CLASSES, *FLAX_CLASSES])})")
     fmt = DIFFUSERS_CLASSES[cls]
     _check_json_types(cfg, fmt, f"{folder}/config.json")
-    tensors = read_tensors(_diffusers_weights(folder))
+    weights = _diffusers_weights(folder)
     try:
-        return fmt.load_diffusers(cfg, tensors, str(folder), folder.name)
+        if weights.name == diffusers_flax.WEIGHTS_FILE:
+            return diffusers_flax.load_folder(cfg, weights, str(folder), folder.name)
+        return fmt.load_diffusers(cfg, read_tensors(weights), str(folder), folder.name)
     except CheckpointError:
         raise
     except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
@@ -110,7 +118,8 @@ def _diffusers_weights(folder):
 
 
 def export(config, params, out, to="flax", name="custom", overwrite=False):
-    """Write a model as `flax` (our format), `diffusers` (the family's diffusers folder) or, for TAESD,
+    """Write a model as `flax` (our format), `diffusers` (the family's diffusers folder), `diffusers-flax` (a KL
+    model as diffusers' FlaxAutoencoderKL folder: config.json + diffusion_flax_model.msgpack) or, for TAESD,
     `madebyollin` (<name>_encoder.safetensors / <name>_decoder.safetensors) into the folder `out`.
 
     A non-empty `out` is refused unless `overwrite`. The model is written into a temporary sibling folder that
@@ -154,6 +163,10 @@ def _export_diffusers(config, params, out, name):
     write_json(out / "config.json", diffusers_config)
 
 
+def _export_diffusers_flax(config, params, out, name):
+    diffusers_flax.export(config, params, out)
+
+
 def _export_madebyollin(config, params, out, name):
     if config.family != "taesd":
         raise CheckpointError(f"madebyollin format holds TAESD models only, not {config.family}")
@@ -163,7 +176,9 @@ def _export_madebyollin(config, params, out, name):
         write_safetensors(out / f"{stem}_{part}.safetensors", tensors, metadata={"format": "pt"})
 
 
-EXPORTS = {"flax": _export_flax, "diffusers": _export_diffusers, "madebyollin": _export_madebyollin}
+EXPORTS = {"flax": _export_flax, "diffusers": _export_diffusers, "diffusers-flax": _export_diffusers_flax,
+           "madebyollin": _export_madebyollin}
 
 
-__all__ = ["CheckpointError", "load", "export", "read_tensors", "write_safetensors"]
+__all__ = ["CheckpointError", "load", "export", "read_tensors", "write_safetensors", "from_diffusers_flax",
+           "to_diffusers_flax"]

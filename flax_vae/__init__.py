@@ -8,6 +8,7 @@ from .autoencoder import (Autoencoder, crop_to_multiple, decode_fn, decode_uint8
                           posterior_fn, scale_latents_fn, unpack_uint8, unscale_latents_fn)
 from .dcae import PRESETS as DCAE_PRESETS
 from .dcae import DCAE, DCAEConfig
+from .diffusers_compat import FlaxAutoencoderKL
 from .errors import CheckpointError
 from .images import read_image, to_pil, to_uint8
 from .kl import PRESETS as KL_PRESETS
@@ -24,4 +25,4 @@ __all__ = ["load", "save", "Autoencoder", "CheckpointError", "BUNDLED",
            "Tiling", "data_parallel", "DataParallel", "read_image", "to_uint8", "to_pil",
            "pack_uint8", "unpack_uint8", "crop_to_multiple", "family",
            "TAESD", "TAESDConfig", "TAESD_PRESETS", "AutoencoderKL", "KLConfig", "KL_PRESETS",
-           "DCAE", "DCAEConfig", "DCAE_PRESETS"]
+           "DCAE", "DCAEConfig", "DCAE_PRESETS", "FlaxAutoencoderKL"]

@@ -75,12 +75,25 @@ def _job(module: str, command: str):
         sys.exit(f'error: {command} needs the {extra} extra: pip install "flax-vae[{extra}]" ({e})')
 
 
+HUB_HELP = ("; or a Hugging Face Hub id: org/name, org/name:subfolder (e.g. black-forest-labs/FLUX.1-schnell:vae), "
+            "org/name/FILE (an existing local path wins; docs/hub.md)")
+
+
+def _add_hub_args(p):
+    p.add_argument("--subfolder", metavar="DIR", help="the model's folder inside the Hub repository (or the local "
+                   "folder), e.g. vae; the same as org/name:vae")
+    p.add_argument("--revision", metavar="REV", help="Hub branch, tag or commit hash (default: main)")
+    p.add_argument("--variant", metavar="NAME", help="diffusers weights variant on the Hub, e.g. fp16 "
+                   "(diffusion_pytorch_model.fp16.safetensors)")
+
+
 def _add_model_args(p, default=None):
     p.add_argument("--model", help="bundled name (" + ", ".join(loading.BUNDLED) +
                    "), a flax-vae or diffusers folder, a folder of *_encoder/*_decoder files, or one file"
-                   + (f" (default: {default})" if default else ""))
+                   + HUB_HELP + (f" (default: {default})" if default else ""))
     p.add_argument("--encoder", help="TAESD encoder file (instead of --model)")
     p.add_argument("--decoder", help="TAESD decoder file (instead of --model)")
+    _add_hub_args(p)
     p.set_defaults(parser=p, default_model=default)
 
 
@@ -89,12 +102,17 @@ def _model_source(args, what="a model") -> dict:
     source = getattr(args, "src", None) or args.model
     if source and (args.encoder or args.decoder):
         args.parser.error(f"give {what} or --encoder/--decoder, not both")
+    hub = {key: getattr(args, key, None) for key in ("subfolder", "revision", "variant")}
+    hub = {key: value for key, value in hub.items() if value}
     if args.encoder or args.decoder:
-        return dict(encoder=args.encoder, decoder=args.decoder)
+        if hub.keys() - {"revision"}:
+            args.parser.error("--subfolder and --variant go with " + what.removeprefix("a ").removeprefix("an ")
+                              + ", not with --encoder/--decoder")
+        return dict(encoder=args.encoder, decoder=args.decoder, **hub)
     source = source or args.default_model
     if not source:
         args.parser.error(f"give {what} or --encoder/--decoder")
-    return dict(source=source)
+    return dict(source=source, **hub)
 
 
 def _tile_spec(text: str) -> tuple[int, int | None]:
@@ -237,7 +255,8 @@ def encode_dataset_cmd(args):
     if not (args.model or args.encoder or args.decoder):
         args.parser.error("give the model to encode with: --model (or --encoder)")
     source = _model_source(args)
-    model = source.get("source") or loading.load(**source, dtype=DTYPES[args.dtype])
+    # a plain source goes to encode_dataset as it is (its manifest records it); with Hub options, the model loaded
+    model = source["source"] if list(source) == ["source"] else loading.load(**source, dtype=DTYPES[args.dtype])
     encode_dataset.encode_dataset(
         model, args.input, args.output, resolution=args.resolution, buckets=args.buckets,
         bucket_step=args.bucket_step, min_size=args.min_size, batch_size=args.batch_size, shard_size=args.shard_size,
@@ -287,22 +306,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", help="convert a checkpoint to flax-vae, diffusers or madebyollin format",
                        usage="flax-vae convert [-h] (SRC | --encoder FILE [--decoder FILE] | --decoder FILE) OUT "
-                             "[--to {flax,diffusers,madebyollin}] [--overwrite]")
-    p.add_argument("src", nargs="?", metavar="SRC", help="checkpoint (as for reconstruct --model); or use "
-                   "--encoder/--decoder")
+                             "[--to {flax,diffusers,diffusers-flax,madebyollin}] [--overwrite] [--subfolder DIR] [--revision REV] "
+                             "[--variant NAME]")
+    p.add_argument("src", nargs="?", metavar="SRC", help="checkpoint (as for reconstruct --model: local, or a Hub id "
+                   "org/name[:subfolder]); or use --encoder/--decoder")
     p.add_argument("out", nargs="?", metavar="OUT", help="output folder (a non-empty one only with --overwrite)")
     p.add_argument("--encoder", help="TAESD encoder file")
     p.add_argument("--decoder", help="TAESD decoder file")
-    p.add_argument("--to", choices=("flax", "diffusers", "madebyollin"), default="flax")
+    _add_hub_args(p)
+    p.add_argument("--to", choices=tuple(convert.EXPORTS), default="flax", help="flax (flax-vae's own), diffusers "
+                   "(PyTorch safetensors), diffusers-flax (diffusers 0.39's Flax msgpack, AutoencoderKL), madebyollin "
+                   "(TAESD)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT (all its files; the new "
                    "folder takes its place only once it is complete)")
     p.set_defaults(run=convert_cmd, model=None, parser=p, default_model=None)
 
     p = sub.add_parser("info", help="family, variant, channels, factor, parameter count, stored dtype")
-    p.add_argument("src", nargs="?", metavar="SRC", help="checkpoint (as for reconstruct --model); or use "
-                   "--encoder/--decoder")
+    p.add_argument("src", nargs="?", metavar="SRC", help="checkpoint (as for reconstruct --model: local, or a Hub id "
+                   "org/name[:subfolder]); or use --encoder/--decoder")
     p.add_argument("--encoder", help="TAESD encoder file")
     p.add_argument("--decoder", help="TAESD decoder file")
+    _add_hub_args(p)
     p.set_defaults(run=info, model=None, parser=p, default_model=None)
 
     p = sub.add_parser("encode-dataset", help="encode a folder of images or webdataset .tar shards into latent "

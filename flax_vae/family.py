@@ -62,15 +62,16 @@ FAMILIES: dict[str, ModelFile] = {m.FAMILY: m for m in (taesd, kl, dcae)}
 
 def module(config: Config, dtype=jnp.float32) -> Module:
     """The family's Flax module for `config`, computing in `dtype`."""
-    return FAMILIES[config.family].Module(config, dtype=dtype)
+    return FAMILIES[config.family].Module(config, dtype=dtype, parent=None)  # never a submodule of a caller
 
 
 def init_params(config: Config, rng=None, resolution: int | None = None):
     """Random parameters of the right shapes (Flax's initialisers), for tests, distillation and shape checks.
 
-    resolution: the side of the dummy image the module is initialised on (default: one latent, `factor`)."""
+    resolution: the side of the dummy image the module is initialised on (default: 2x2 latents, the fewest that
+    FLUX.2's 2x2 latent patches take)."""
     rng = jax.random.PRNGKey(0) if rng is None else rng
-    side = resolution or config.factor
+    side = resolution or 2 * config.factor
     return module(config).init(rng, jnp.zeros((1, side, side, 3)))["params"]
 
 

@@ -36,7 +36,7 @@ from . import data, students
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    teacher: str  # bundled name or checkpoint path: anything flax_vae.load takes
+    teacher: str  # bundled name, checkpoint path or Hub id (org/name[@revision][:subfolder]): what flax_vae.load takes
     data: str  # folder of training images
     out: str  # run folder: checkpoints, TensorBoard logs, grids, export
     student: str = "taesd"  # preset (train.students.PRESETS) or a JSON file of TAESDConfig fields
@@ -414,7 +414,8 @@ def distill(cfg: Config, resume: bool = False) -> dict:
 
 # --help for the settings whose name does not say it all (the comments of Config, in the command line's words)
 HELP = {
-    "teacher": "the model to distil: a bundled name or a checkpoint, anything flax-vae reconstruct --model takes",
+    "teacher": "the model to distil: a bundled name, a checkpoint or a Hugging Face Hub id (org/name, "
+               "org/name@REVISION, org/name:SUBFOLDER): anything flax-vae reconstruct --model takes",
     "data": "folder of training images (searched recursively; unreadable ones are skipped and listed)",
     "out": "run folder: checkpoints, TensorBoard logs, grids, export (a new or empty folder, or --resume)",
     "student": "a preset (" + ", ".join(students.PRESETS) + "), or a JSON file of TAESDConfig fields",
