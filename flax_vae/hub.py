@@ -15,6 +15,7 @@ the cached snapshot). huggingface_hub keeps the files (HF_HOME, HF_HUB_CACHE, to
 model is returned as a folder of links to exactly the chosen files, `<repo cache>/flax-vae/<commit>/.../<name>/`,
 so that files of other variants or formats cached beside them never take their place.
 """
+import contextlib
 import json
 import os
 import re
@@ -260,24 +261,25 @@ class _Fetch:
             raise self.not_cached()
         return listed
 
-    def list_online(self):
-        from huggingface_hub import HfApi
-        from huggingface_hub.errors import (
-            DisabledRepoError,
-            GatedRepoError,
-            HfHubHTTPError,
-            OfflineModeIsEnabled,
-            RepositoryNotFoundError,
-            RevisionNotFoundError,
-        )
+    @contextlib.contextmanager
+    def repository_errors(self):
+        """huggingface_hub's errors about the repository itself -> one-line CheckpointErrors naming the fix."""
+        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
         try:
-            info = HfApi().model_info(self.repo_id, revision=self.revision, token=self.token)
-        except GatedRepoError as e:
+            yield
+        except GatedRepoError as e:  # a RepositoryNotFoundError too: first
             raise self.gated(e) from None
         except RepositoryNotFoundError:
             raise self.not_found() from None
         except RevisionNotFoundError:
             raise self.bad_revision() from None
+
+    def list_online(self):
+        from huggingface_hub import HfApi
+        from huggingface_hub.errors import DisabledRepoError, HfHubHTTPError, OfflineModeIsEnabled
+        try:
+            with self.repository_errors():
+                info = HfApi().model_info(self.repo_id, revision=self.revision, token=self.token)
         except DisabledRepoError:
             raise CheckpointError(f"{self.repo_id}: disabled on the Hub (its owner or the Hub turned access "
                                   "off)") from None
@@ -328,22 +330,12 @@ class _Fetch:
         if path in self.downloaded:
             return self.downloaded[path]
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import (
-            EntryNotFoundError,
-            GatedRepoError,
-            LocalEntryNotFoundError,
-            RepositoryNotFoundError,
-            RevisionNotFoundError,
-        )
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
         try:
-            local = Path(hf_hub_download(self.repo_id, path, revision=self.revision, cache_dir=self.cache_dir,
-                                         local_files_only=self.offline, token=self.token, library_name="flax-vae"))
-        except GatedRepoError as e:
-            raise self.gated(e) from None
-        except RepositoryNotFoundError:
-            raise self.not_found() from None
-        except RevisionNotFoundError:
-            raise self.bad_revision() from None
+            with self.repository_errors():
+                local = Path(hf_hub_download(self.repo_id, path, revision=self.revision, cache_dir=self.cache_dir,
+                                             local_files_only=self.offline, token=self.token,
+                                             library_name="flax-vae"))
         except LocalEntryNotFoundError as e:
             if not self.offline and self.unreachable is None:
                 self.unreachable = f"could not download {path} ({' '.join(str(e).split())[:120]})"
