@@ -25,7 +25,8 @@ from flax_vae.kl import KLConfig
 
 LDM_CONFIG = KLConfig(block_out_channels=(32, 32), layers_per_block=1)  # an LDM file's widths tell GroupNorm's 32
 FP16 = "diffusion_pytorch_model.fp16.safetensors"
-JUNK = b"never downloaded"  # the files next to the chosen ones: a download of one fails the test
+JUNK = b"never downloaded"
+DIFFUSERS_FLAX = Path(__file__).parent / "data" / "diffusers_flax" / "small_vae"  # made by diffusers 0.39  # the files next to the chosen ones: a download of one fails the test
 
 
 def random_model(config, seed=0, name="custom"):
@@ -80,6 +81,7 @@ def server(local):
     s.add("mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers", folder_files(local / "dcae-diffusers"))
     s.add("someone/taesd-flax", folder_files(local / "taesd-flax"))
     s.add("someone/private-vae", folder_files(local / "kl"), private=True)
+    s.add("pcuenq/sd-vae-ft-mse-flax", dict(folder_files(DIFFUSERS_FLAX), **{"diffusion_pytorch_model.bin": JUNK}))
     s.add("someone/no-weights", {"README.md": b"soon\n", "notes.txt": b"weights to come\n"})
     yield s
     s.stop()
@@ -355,3 +357,17 @@ def test_distill_teacher_from_the_hub(hf, tmp_path):
                                          eval_data=str(tmp_path / "eval"), student=str(tmp_path / "tiny.json"),
                                          out=str(tmp_path / "run"), crop="32", eval_size=32))
     assert_same(d.teacher, flax_vae.load("taesd"))
+
+
+def test_flax_autoencoder_kl_from_the_hub(hf, local):
+    """The drop-in class takes Hub ids as diffusers' did: a diffusers Flax (msgpack) repository, and a pipeline's
+    vae subfolder of PyTorch weights."""
+    module, params = flax_vae.FlaxAutoencoderKL.from_pretrained("pcuenq/sd-vae-ft-mse-flax")
+    _, expected = flax_vae.FlaxAutoencoderKL.from_pretrained(DIFFUSERS_FLAX)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(expected)))
+    assert module.sample_size == 128  # from the repository's config.json
+    module, params = flax_vae.FlaxAutoencoderKL.from_pretrained("black-forest-labs/FLUX.1-schnell", subfolder="vae",
+                                                                revision="main")
+    native = flax_vae.convert.from_diffusers_flax(params, module.kl_config)
+    ref = flax_vae.load(local / "flux-vae")
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(native), jax.tree.leaves(ref.params)))
