@@ -36,6 +36,21 @@ def max_abs_rel(a, b):
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
+def seeded_params(shapes: dict, seed: int) -> dict:
+    """tests/data/diffusers_flax/make_reference.py's seeded weights (its documented algorithm), as a flat
+    {"/"-joined path: float32 array} dict: one float64 standard-normal draw per leaf, in sorted path order."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for path in sorted(shapes):
+        shape = tuple(shapes[path])
+        x = rng.standard_normal(size=shape)
+        leaf = path.rsplit("/", 1)[1]
+        if leaf == "kernel":
+            x = x * (1.0 / np.sqrt(np.prod(shape[:-1])))
+        out[path] = (1.0 + 0.1 * x if leaf == "scale" else 0.02 * x if leaf == "bias" else x).astype(np.float32)
+    return out
+
+
 def run_processes(args, processes=2, devices=2, timeout=600):
     """Run `python *args` as `processes` JAX processes of one job on loopback (gloo CPU collectives), each with
     `devices` CPU devices. Each reads JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID from its
