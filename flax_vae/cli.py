@@ -304,10 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
                    f"(default: {MAX_PIXELS} = 2**21, so 1920x1080 stays whole)")
     p.set_defaults(run=reconstruct)
 
-    p = sub.add_parser("convert", help="convert a checkpoint to flax-vae, diffusers or madebyollin format",
+    p = sub.add_parser("convert", help="convert a checkpoint to flax-vae, diffusers (PyTorch or Flax) or "
+                       "madebyollin format",
                        usage="flax-vae convert [-h] (SRC | --encoder FILE [--decoder FILE] | --decoder FILE) OUT "
-                             "[--to {flax,diffusers,diffusers-flax,madebyollin}] [--overwrite] [--subfolder DIR] [--revision REV] "
-                             "[--variant NAME]")
+                             "[--to {flax,diffusers,diffusers-flax,madebyollin}] [--overwrite] [--subfolder DIR] "
+                             "[--revision REV] [--variant NAME]")
     p.add_argument("src", nargs="?", metavar="SRC", help="checkpoint (as for reconstruct --model: local, or a Hub id "
                    "org/name[:subfolder]); or use --encoder/--decoder")
     p.add_argument("out", nargs="?", metavar="OUT", help="output folder (a non-empty one only with --overwrite)")

@@ -382,15 +382,19 @@ class DCAE(nn.Module):
         self.decoder = Decoder(self.config, dtype=self.dtype)
 
     def encode(self, images):
+        """(N, H, W, 3) in [-1, 1] -> raw latents (N, H/f, W/f, latent_channels)."""
         return self.encoder(images.astype(self.dtype))
 
     def decode(self, latents):
+        """Raw latents (N, h, w, latent_channels) -> images (N, h*f, w*f, 3) in about [-1, 1] (not clamped)."""
         return self.decoder(latents.astype(self.dtype))
 
-    def scale_latents(self, z):  # raw latents -> diffusion latents
+    def scale_latents(self, z):
+        """Raw latents -> diffusion latents: (z - shift_factor) * scaling_factor."""
         return (z - self.config.shift_factor) * self.config.scaling_factor
 
     def unscale_latents(self, z):
+        """Diffusion latents -> raw latents, the inverse of `scale_latents`."""
         return z / self.config.scaling_factor + self.config.shift_factor
 
     def __call__(self, images):

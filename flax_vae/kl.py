@@ -472,6 +472,7 @@ class AutoencoderKL(nn.Module):
         return sample_gaussian(mean, logvar, jax.random.normal(key, mean.shape, mean.dtype))
 
     def decode(self, latents):
+        """Raw latents (N, h, w, latent_channels) -> images (N, h*f, w*f, 3) in about [-1, 1] (not clamped)."""
         return self.decoder(latents.astype(self.dtype))
 
     def scale_latents(self, z):
@@ -485,6 +486,7 @@ class AutoencoderKL(nn.Module):
         return (z - c.shift_factor) * c.scaling_factor
 
     def unscale_latents(self, z):
+        """The diffusion model's latents -> raw latents, the inverse of `scale_latents`."""
         c = self.config
         if c.latents_mean is not None:
             mean, std = jnp.asarray(c.latents_mean, z.dtype), jnp.asarray(c.latents_std, z.dtype)

@@ -138,15 +138,19 @@ class TAESD(nn.Module):
         self.decoder = Decoder(self.config, dtype=self.dtype)
 
     def encode(self, images):
+        """(N, H, W, 3) in [-1, 1] -> latents (N, H/f, W/f, latent_channels), about [-3, 3]."""
         return self.encoder((images.astype(self.dtype) + 1) / 2)
 
     def decode(self, latents):
+        """Latents (N, h, w, latent_channels) -> images (N, h*f, w*f, 3) in about [-1, 1] (not clamped)."""
         return self.decoder(latents.astype(self.dtype)) * 2 - 1
 
-    def scale_latents(self, z):  # raw latents -> diffusion latents (the identity for the stock presets)
+    def scale_latents(self, z):
+        """Raw latents -> diffusion latents: (z - shift_factor) * scaling_factor (the identity for the presets)."""
         return (z - self.config.shift_factor) * self.config.scaling_factor
 
     def unscale_latents(self, z):
+        """Diffusion latents -> raw latents, the inverse of `scale_latents`."""
         return z / self.config.scaling_factor + self.config.shift_factor
 
     def __call__(self, images):

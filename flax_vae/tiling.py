@@ -26,6 +26,7 @@ class Tiling:
     batch: int = 4  # tiles per model call, whatever the number of images
 
     def checked(self, factor: int) -> "Tiling":
+        """This tiling with its blend filled in, or a ValueError where it does not fit a model of this factor."""
         if self.batch < 1:
             raise ValueError(f"tiling: batch must be at least 1, got {self.batch}")
         if self.size is None:
