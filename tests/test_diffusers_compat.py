@@ -105,10 +105,9 @@ def test_decode_takes_nhwc_or_nchw_and_returns_nchw(model):
           ref["dec_ambiguous_out"])
 
 
+@pytest.mark.parametrize("model", ["small"], indirect=True)  # SD 1.5's numbers: encode and decode above
 def test_call_samples_with_the_gaussian_rng(model):
-    tag, module, params, ref, apply = model
-    if tag == "sd15":
-        pytest.skip("encode and decode are checked on SD 1.5 above; __call__'s rng on the small config")
+    _, module, params, ref, apply = model
     x = inputs()[:1]
     out = apply({"params": params}, x, sample_posterior=True, rngs={"gaussian": jax.random.PRNGKey(1)})
     close(out.sample, ref["call1_sample_posterior_true_gaussian_key1"])
