@@ -29,9 +29,7 @@ def main():
     config = flax_vae.KL_PRESETS["sd15"]
     native = random_params(config)
     tree = convert.to_diffusers_flax(native, config)
-    shim = FlaxAutoencoderKL(**{k: tuple(v) if isinstance(v, list) else v
-                                for k, v in convert.kl.diffusers_config(config).items()
-                                if k in flax_vae.diffusers_compat.FIELDS})
+    shim = FlaxAutoencoderKL.from_kl_config(config)
     module = family.module(config)
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.uniform(-1, 1, (1, args.size, args.size, 3)).astype(np.float32))

@@ -41,6 +41,10 @@ CLASS = "FlaxAutoencoderKL"
 PYTORCH_CLASS = "AutoencoderKL"  # the PyTorch class of the same model (its config.json fields are the same)
 DIFFUSERS_VERSION = "0.39.0"  # written into exported config.json files: the last diffusers with Flax models
 
+# The fields of diffusers 0.39's FlaxAutoencoderKL: its constructor's and its config.json's
+FIELDS = ("in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
+          "layers_per_block", "act_fn", "latent_channels", "norm_num_groups", "sample_size", "scaling_factor")
+
 # diffusers' module name -> ours, per kind of block
 RESNET = ("norm1", "conv1", "norm2", "conv2", "conv_shortcut")
 ATTENTION = {"group_norm": "group_norm", "query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out"}
@@ -180,9 +184,10 @@ def load_folder(cfg: dict, weights: Path, where: str, hint: str = ""):
     return config, from_diffusers_flax(read_msgpack(weights), config, str(weights)), kl.variant_name(config, hint)
 
 
-def diffusers_config(config) -> dict:
-    """config.json of a FlaxAutoencoderKL: the fields diffusers 0.39 writes, and our latent conventions where set
-    (diffusers ignores fields it does not know)."""
+def diffusers_config(config, sample_size: int = 32) -> dict:
+    """config.json of a FlaxAutoencoderKL: the fields diffusers 0.39 writes (`sample_size`: the image side its
+    init_weights used; flax-vae does not need it), and our latent conventions where set (diffusers ignores fields
+    it does not know)."""
     _check_config(config)
     cant = [what for what, bad in (
         ("no quant convs", not (config.use_quant_conv and config.use_post_quant_conv)),
@@ -192,15 +197,8 @@ def diffusers_config(config) -> dict:
     if cant:
         raise CheckpointError(f"diffusers' {CLASS} cannot express this model ({', '.join(cant)}): its quant convs "
                               "and mid-block attention are fixed; save it as 'diffusers' or 'flax' instead")
-    n = len(config.block_out_channels)
-    cfg = {
-        "_class_name": CLASS, "_diffusers_version": DIFFUSERS_VERSION,
-        "in_channels": 3, "out_channels": 3, "act_fn": "silu",
-        "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
-        "block_out_channels": list(config.block_out_channels), "layers_per_block": config.layers_per_block,
-        "latent_channels": config.latent_channels, "norm_num_groups": config.norm_num_groups,
-        "sample_size": 32, "scaling_factor": config.scaling_factor,
-    }
+    fields = dict(kl.diffusers_config(config), sample_size=sample_size)
+    cfg = {"_class_name": CLASS, "_diffusers_version": DIFFUSERS_VERSION, **{k: fields[k] for k in FIELDS}}
     if config.shift_factor:
         cfg["shift_factor"] = config.shift_factor
     if config.latents_mean is not None:
@@ -217,4 +215,4 @@ def export(config, params, out: Path):
 
 
 __all__ = ["from_diffusers_flax", "to_diffusers_flax", "rules", "expected_shapes", "read_msgpack", "load_folder",
-           "export", "WEIGHTS_FILE", "CLASS"]
+           "export", "WEIGHTS_FILE", "CLASS", "FIELDS"]

@@ -199,9 +199,10 @@ def _checked(x, what, channels, image_range=False):
     if not jnp.issubdtype(x.dtype, jnp.floating):
         fix = "; for 0-255 pixels use x / 127.5 - 1" if image_range else ""
         raise ValueError(f"{what}: expected floats{' in [-1, 1]' if image_range else ''}, got {x.dtype}{fix}")
-    finite, low, high = (bool(v) if i == 0 else float(v) for i, v in enumerate(_summary(x)))
-    if not finite:
+    finite, low, high = _summary(x)
+    if not bool(finite):
         raise ValueError(f"{what}: contains NaN or infinite values")
+    low, high = float(low), float(high)
     if image_range and (high > IMAGE_RANGE_LIMIT or low < -IMAGE_RANGE_LIMIT):
         raise ValueError(f"{what}: values span [{low:g}, {high:g}], but the model expects [-1, 1]: convert 0-255 "
                          "pixels with x / 127.5 - 1, and 0-1 values with x * 2 - 1 (the pure encode_fn skips "

@@ -21,8 +21,7 @@ from .kl import AutoencoderKL, KLConfig
 from .layers import sample_gaussian
 from .loading import resolve
 
-FIELDS = ("in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
-          "layers_per_block", "act_fn", "latent_channels", "norm_num_groups", "sample_size", "scaling_factor")
+FIELDS = convert.diffusers_flax.FIELDS
 
 
 class FrozenConfig(dict):
@@ -163,6 +162,13 @@ class FlaxAutoencoderKL(nn.Module):
         config = self.kl_config
         return convert.to_diffusers_flax(family.init_params(config, rng), config)
 
+    @classmethod
+    def from_kl_config(cls, config: KLConfig, sample_size: int = 32, dtype=jnp.float32) -> "FlaxAutoencoderKL":
+        """The module of flax-vae's `config` (CheckpointError where diffusers' class cannot express it)."""
+        fields = convert.diffusers_flax.diffusers_config(config, sample_size)
+        return cls(**{name: tuple(fields[name]) if isinstance(fields[name], list) else fields[name]
+                      for name in FIELDS}, dtype=dtype)
+
     def save_pretrained(self, save_directory, params, **ignored):
         """Write a diffusers Flax folder (config.json + diffusion_flax_model.msgpack). An existing folder is
         replaced whole, atomically."""
@@ -183,8 +189,7 @@ class FlaxAutoencoderKL(nn.Module):
         if config.family != "kl":
             raise CheckpointError(f"{pretrained_model_name_or_path}: a {config.family} model, not an "
                                   "AutoencoderKL; use flax_vae.load for it")
-        fields = {**convert.kl.diffusers_config(config), "sample_size": _sample_size(located["source"])}
-        module = cls(**{name: _hashable(fields[name]) for name in FIELDS if name in fields}, dtype=dtype)
+        module = cls.from_kl_config(config, sample_size=_sample_size(located["source"]), dtype=dtype)
         if module.kl_config != config:
             raise CheckpointError(f"{pretrained_model_name_or_path}: FlaxAutoencoderKL holds SD-style VAEs (quant "
                                   "convs, no latent statistics or shift); load this one with flax_vae.load")
@@ -196,10 +201,6 @@ def _sample_size(source) -> int:
     path = Path(source) / "config.json"
     size = convert.checkpoint.read_json(path).get("sample_size") if path.is_file() else None
     return size if isinstance(size, int) and not isinstance(size, bool) else FlaxAutoencoderKL.sample_size
-
-
-def _hashable(value):
-    return tuple(value) if isinstance(value, list) else value
 
 
 def _warn_ignored(what, ignored):
