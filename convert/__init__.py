@@ -5,10 +5,12 @@ import tempfile
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
+
 from . import dcae, diffusers_flax, kl, native, taesd
 from .checkpoint import CheckpointError, read_json, read_tensors, write_json, write_safetensors
 from .diffusers_flax import from_diffusers_flax, to_diffusers_flax
-from .rules import from_flax
+from .rules import flatten, from_flax
 
 # A diffusers folder's weights, the first found of these (safetensors, then Flax msgpack, then PyTorch pickles)
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
@@ -41,6 +43,20 @@ def load(source=None, *, encoder=None, decoder=None):
 
     source: a flax-vae or diffusers folder, a folder of TAESD *_encoder / *_decoder files, or one file; or the
     TAESD parts as encoder= / decoder= files."""
+    config, params, name = _load(source, encoder, decoder)
+    _check_finite(params, source if source is not None else " + ".join(str(f) for f in (encoder, decoder) if f))
+    return config, params, name
+
+
+def _check_finite(params, where):
+    """NaN or infinite weights are a corrupt file: refused here, rather than found as NaN images later."""
+    for path, value in flatten(params).items():
+        if not np.isfinite(value).all():
+            raise CheckpointError(f"{where}: {path} holds NaN or infinite values (a corrupt file? download it "
+                                  "again)")
+
+
+def _load(source, encoder, decoder):
     if source is not None and (encoder or decoder):
         raise ValueError("give either a source or encoder/decoder files, not both")
     if source is None:

@@ -33,13 +33,14 @@ import numpy as np
 from flax import serialization
 
 from . import kl
-from .checkpoint import CheckpointError, write_atomic, write_json
+from .checkpoint import CheckpointError, describe_error, write_atomic, write_json
 from .rules import LAYOUTS, Rule, _preview, flatten, unflatten
 
 WEIGHTS_FILE = "diffusion_flax_model.msgpack"
 CLASS = "FlaxAutoencoderKL"
 PYTORCH_CLASS = "AutoencoderKL"  # the PyTorch class of the same model (its config.json fields are the same)
 DIFFUSERS_VERSION = "0.39.0"  # written into exported config.json files: the last diffusers with Flax models
+MAX_DEPTH = 16  # levels of the msgpack's tree; diffusers' is 5 deep (encoder/down_blocks_0/resnets_0/conv1/kernel)
 
 # The fields of diffusers 0.39's FlaxAutoencoderKL: its constructor's and its config.json's
 FIELDS = ("in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
@@ -168,10 +169,18 @@ def read_msgpack(path):
         tree = serialization.msgpack_restore(data)
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{path}: not a readable Flax msgpack file (corrupt or truncated?): "
-                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+                              f"{describe_error(e)}") from None
     if not isinstance(tree, dict):
         raise CheckpointError(f"{path}: expected a tree of parameters (a dict), got {type(tree).__name__}")
+    if _deeper_than(tree, MAX_DEPTH):
+        raise CheckpointError(f"{path}: a tree nested deeper than {MAX_DEPTH} levels is no diffusers model")
     return tree
+
+
+def _deeper_than(tree, levels) -> bool:
+    """Whether `tree` nests dicts more than `levels` deep (looked at only that far: a hostile file may nest
+    hundreds of levels, and each level is a recursion of the functions that walk the tree)."""
+    return levels < 0 or any(_deeper_than(v, levels - 1) for v in tree.values() if isinstance(v, dict))
 
 
 def load_folder(cfg: dict, weights: Path, where: str, hint: str = ""):

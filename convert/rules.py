@@ -9,7 +9,7 @@ import re
 
 import numpy as np
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, clip
 
 # layout name -> (PyTorch -> Flax, Flax -> PyTorch)
 LAYOUTS = {
@@ -51,7 +51,8 @@ def unflatten(flat):
 
 def _preview(keys, n=8):
     keys = sorted(keys)
-    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
+    shown = [k if k.isprintable() and len(k) <= 80 else clip(k) for k in keys[:n]]  # a file's names, one line
+    return ", ".join(shown) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
 
 
 def to_flax(tensors: dict, rules: list[Rule], expected_shapes: dict, where: str = "checkpoint"):
@@ -75,17 +76,22 @@ def to_flax(tensors: dict, rules: list[Rule], expected_shapes: dict, where: str 
     flat = {}
     for key, value in tensors.items():
         rule = by_source[key]
-        value = LAYOUTS[rule.layout][0](np.asarray(value))
+        value = np.asarray(value)
+        converted = _flax_layout(rule.layout, value)
         want = tuple(expected_shapes[rule.target])
-        if value.shape != want:
-            raise CheckpointError(f"{where}: {key} has shape {_torch_shape(rule, value)} but "
-                                  f"{rule.target} needs {_torch_shape(rule, np.empty(want, np.int8))}")
-        flat[rule.target] = value
+        if converted is None or converted.shape != want:
+            needs = LAYOUTS[rule.layout][1](np.broadcast_to(np.int8(0), want)).shape  # zero-stride: no allocation
+            raise CheckpointError(f"{where}: {key} has shape {value.shape} but {rule.target} needs {needs}")
+        flat[rule.target] = converted
     return unflatten(flat)
 
 
-def _torch_shape(rule, flax_value):
-    return tuple(LAYOUTS[rule.layout][1](flax_value).shape)
+def _flax_layout(layout, value):
+    """`value` in the Flax layout, or None where the layout cannot take its rank (a shape mismatch)."""
+    try:
+        return LAYOUTS[layout][0](value)
+    except (ValueError, IndexError):
+        return None
 
 
 def from_flax(params, rules: list[Rule]) -> dict[str, np.ndarray]:

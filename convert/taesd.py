@@ -4,6 +4,8 @@ madebyollin: one file per part, nn.Sequential indices (`0.weight`, `1.conv.0.wei
 diffusers:   `AutoencoderTiny` - `encoder.layers.{i}` = madebyollin encoder `{i}`, `decoder.layers.{i}` = madebyollin
              decoder `{i+1}` (diffusers applies the decoder's input clamp in forward, not as layer 0).
 """
+import contextlib
+import functools
 import re
 from pathlib import Path
 
@@ -43,6 +45,7 @@ def sequential_layout(config: TAESDConfig, part: str) -> list[str | None]:
         "block_out", "conv_out"]
 
 
+@functools.lru_cache(maxsize=None)  # tracing the model takes half a second
 def expected_shapes(config: TAESDConfig, part: str) -> dict:
     tree = param_shapes(config)
     return {k: v.shape for k, v in flatten(tree[part]).items()}
@@ -224,7 +227,8 @@ def load_file(tensors: dict, path: Path):
     a CheckpointError where the tensors are not TAESD's either)."""
     if any(k.startswith(("encoder.layers.", "decoder.layers.")) for k in tensors):
         return _from_parts(split_diffusers_keys(tensors, path), path, hint=path.name)
-    part, _ = detect_part(tensors, str(path))
+    with _not_taesd(path):
+        part, _ = detect_part(tensors, str(path))
     return _from_parts({part: tensors}, path, hint=path.name)
 
 
@@ -251,10 +255,18 @@ def find_parts(folder: Path) -> dict:
 
 
 def _from_parts(parts, where, hint):
-    try:
+    with _not_taesd(where):
         config, params = from_madebyollin(parts, str(where))
+    return config, params, variant_name(config, hint)
+
+
+@contextlib.contextmanager
+def _not_taesd(where):
+    """Tensors that are not TAESD's fail the shape reading (a missing layer, a vector where a conv should be):
+    one CheckpointError naming the file."""
+    try:
+        yield
     except CheckpointError:
         raise
     except (ValueError, IndexError, KeyError) as e:
         raise CheckpointError(f"{where}: not a TAESD checkpoint: {e}") from None
-    return config, params, variant_name(config, hint)

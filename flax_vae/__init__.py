@@ -14,7 +14,7 @@ from .images import read_image, to_pil, to_uint8
 from .kl import PRESETS as KL_PRESETS
 from .kl import AutoencoderKL, KLConfig
 from .loading import BUNDLED, load, save
-from .parallel import DataParallel, data_parallel
+from .parallel import DataParallel, data_parallel, split_rows_sharding
 from .taesd import PRESETS as TAESD_PRESETS
 from .taesd import TAESD, TAESDConfig
 from .tiling import Tiling
@@ -22,7 +22,7 @@ from .tiling import Tiling
 __version__ = "0.2.0"
 __all__ = ["load", "save", "Autoencoder", "CheckpointError", "BUNDLED",
            "encode_fn", "decode_fn", "decode_uint8_fn", "posterior_fn", "scale_latents_fn", "unscale_latents_fn",
-           "Tiling", "data_parallel", "DataParallel", "read_image", "to_uint8", "to_pil",
+           "Tiling", "data_parallel", "DataParallel", "split_rows_sharding", "read_image", "to_uint8", "to_pil",
            "pack_uint8", "unpack_uint8", "crop_to_multiple", "family",
            "TAESD", "TAESDConfig", "TAESD_PRESETS", "AutoencoderKL", "KLConfig", "KL_PRESETS",
            "DCAE", "DCAEConfig", "DCAE_PRESETS", "FlaxAutoencoderKL"]

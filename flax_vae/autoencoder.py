@@ -99,13 +99,15 @@ class Autoencoder:
                                 "encode")
         if key is not None:
             self._require_posterior()
-        return self._finite(_encode(self.module, self.params, jnp.asarray(self._images(images)), key=key), "encode")
+        images = jnp.asarray(self._images(images))
+        return self._finite(_encode(self.module, self.params, images, key=key), "encode", images)
 
     def posterior(self, images):
         """(N, H, W, 3) in [-1, 1] -> the posterior's (mean, logvar), each (N, H/f, W/f, C), logvar clipped to
         [-30, 20] (families with one, `config.has_posterior`: KL)."""
         self._require_posterior()
-        return self._finite(_posterior(self.module, self.params, jnp.asarray(self._images(images))), "encode")
+        images = jnp.asarray(self._images(images))
+        return self._finite(_posterior(self.module, self.params, images), "encode", images)
 
     def decode(self, latents, tile=None):
         """Raw latents (N, h, w, C) -> images (N, h*f, w*f, 3) in about [-1, 1] (not clamped).
@@ -115,16 +117,18 @@ class Autoencoder:
         if tile is not None:
             decode = functools.partial(_decode, self.module, self.params)
             return self._finite(tiling.tiled_decode(decode, latents, as_tiling(tile), self.factor), "decode")
-        return self._finite(_decode(self.module, self.params, jnp.asarray(latents)), "decode")
+        latents = jnp.asarray(latents)
+        return self._finite(_decode(self.module, self.params, latents), "decode", latents)
 
     def decode_uint8(self, latents, tile=None):
         """`decode`, clamped to [-1, 1] and cast to uint8 (N, h*f, w*f, 3) on the device: 4x less to copy to the
         host than float32 (what matters on TPUs). tile: as for `decode` (tiles are blended on the host)."""
         if tile is not None:
             return to_uint8(self.decode(latents, tile))
-        images, finite = _decode_uint8(self.module, self.params, jnp.asarray(self._latents(latents)))
+        latents = jnp.asarray(self._latents(latents))
+        images, finite = _decode_uint8(self.module, self.params, latents)
         if not bool(finite.all()):
-            self._nonfinite("decode")
+            self._nonfinite("decode", latents)
         return images
 
     def scale_latents(self, z):
@@ -149,18 +153,21 @@ class Autoencoder:
         self._require("decoder")
         return _checked(latents, "latents", self.config.latent_channels)
 
-    def _finite(self, out, what):
+    def _finite(self, out, what, inputs=None):
         """Never hand back NaN/inf silently: reduced precision overflows (the SDXL VAE in float16 does)."""
         if not all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(out)):
-            self._nonfinite(what)
+            self._nonfinite(what, inputs)
         return out
 
-    def _nonfinite(self, what):
+    def _nonfinite(self, what, inputs=None):
+        """Raise the FloatingPointError, naming the layer whose output first held NaN/inf when given the inputs."""
+        layer = None if inputs is None else first_nonfinite_layer(self.module, self.params, what, inputs)
+        where = f", first in the output of {layer}" if layer else ""
         fix = ("load it with dtype=jnp.bfloat16 or jnp.float32 instead, or use weights fine-tuned for float16 "
                "(for SDXL: madebyollin/sdxl-vae-fp16-fix)" if jnp.dtype(self.dtype) == jnp.float16 else
                "the inputs or weights are out of range for this model")
         raise FloatingPointError(f"{what}: {self!r} produced NaN or infinite values "
-                                 f"({jnp.dtype(self.dtype).name} compute); {fix}")
+                                 f"({jnp.dtype(self.dtype).name} compute){where}; {fix}")
 
     def _require_posterior(self):
         if not self.config.has_posterior:
@@ -174,6 +181,31 @@ class Autoencoder:
     def __repr__(self):
         parts = "+".join(p for p in ("encoder", "decoder") if p in self.params)
         return f"Autoencoder({self.config.family}:{self.name}, {parts}, dtype={jnp.dtype(self.dtype).name})"
+
+
+def first_nonfinite_layer(module: nn.Module, params, what: str, inputs) -> str | None:
+    """The path of the first layer (in the order layers finish) whose output holds NaN or inf in `what`
+    ("encode" or "decode") on `inputs`, or None. Runs the model once more, unbanded (a loop over bands would hide
+    its layers), keeping one flag per layer rather than the outputs."""
+    module = module.for_split_rows()
+    names = []
+
+    def flags(params, inputs):
+        finished = []
+
+        def record(call, args, kwargs, context):
+            out = call(*args, **kwargs)
+            floats = [x for x in jax.tree.leaves(out) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+            if floats and context.module.path:
+                names.append("/".join(context.module.path))
+                finished.append(jnp.all(jnp.stack([jnp.isfinite(x).all() for x in floats])))
+            return out
+        with nn.intercept_methods(record):
+            module.apply({"params": params}, inputs, method=getattr(module, what))
+        return jnp.stack(finished)
+
+    finite = np.asarray(jax.jit(flags)(params, inputs))
+    return names[int(np.argmin(finite))] if not finite.all() else None
 
 
 def as_tiling(tile) -> tiling.Tiling:

@@ -4,6 +4,7 @@ Errors are one line on stderr: exit status 2 for a wrong command line, 1 for a f
 FLAX_VAE_DEBUG=1) shows the traceback instead.
 """
 import argparse
+import functools
 import importlib
 import os
 import sys
@@ -13,9 +14,20 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from . import convert, loading
-from .images import BUNDLED_PHOTOS, IMAGE_SUFFIXES, psnr, read_image, save_grid
+from .images import (
+    BUNDLED_PHOTOS,
+    IMAGE_SUFFIXES,
+    check_writable,
+    printable,
+    psnr,
+    read_image,
+    save_grid,
+    writing,
+)
+from .parallel import data_parallel
 from .tiling import Tiling
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -169,6 +181,7 @@ def output_names(paths) -> list[str]:
 
 
 def reconstruct(args):
+    check_writable(args.out, "--out")  # before the model loads: an unwritable --out fails once, at once
     vae = loading.load(**_model_source(args), dtype=DTYPES[args.dtype])
     missing = [p for p in ("encoder", "decoder") if p not in vae.params]
     if missing:
@@ -178,47 +191,71 @@ def reconstruct(args):
     except ValueError as e:
         args.parser.error(str(e))
     auto = _auto_tiling(vae.factor)
+    split = _split_rows(vae, args)
     images = [Path(p) for p in args.images] or list(BUNDLED_PHOTOS)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)  # an unwritable --out fails here, once, not for every image
     print(f"{vae} on {jax.devices()[0].platform}")
     results, failed = [], []
     for path, name in zip(images, output_names(images)):
-        label = path.name if path in BUNDLED_PHOTOS else str(path)
+        label = path.name if path in BUNDLED_PHOTOS else printable(path)
         try:
-            results.append(_reconstruct_one(vae, path, label, out / name, tile, auto, args.max_pixels))
+            results.append(_reconstruct_one(vae, path, label, out / name, tile, auto, split, args.max_pixels))
         except Exception as e:  # this image only: the others go on
             if _debug(args):
                 raise
             failed.append(path)  # reported on stdout, in order with the others; the error line comes at the end
-            print(f"{label}: skipped: {_one_line(e).removeprefix(f'{path}: ')}", flush=True)
+            print(f"{label}: skipped: {_one_line(e).removeprefix(f'{label}: ')}", flush=True)
     if results:
         print(f"mean PSNR {np.mean(results):.3f} dB over {len(results)} images; side-by-sides "
-              f"(original | reconstruction) in {out}/")
+              f"(original | reconstruction) in {printable(out)}/")
     if failed:
         sys.exit(f"error: {len(failed)} of {len(images)} images failed (see above)")
 
 
-def _reconstruct_one(vae, path: Path, label: str, target: Path, tile, auto, max_pixels) -> float:
+def _split_rows(vae, args):
+    """--devices: the model with image rows split over that many devices, or None (one device)."""
+    count = args.devices or jax.device_count()
+    if count > jax.device_count():
+        args.parser.error(f"--devices {count}: this machine has {jax.device_count()} (CPU devices for testing: "
+                          f"XLA_FLAGS=--xla_force_host_platform_device_count={count})")
+    if count == 1:
+        return None
+    return data_parallel(vae, Mesh(np.array(jax.devices()[:count]), ("space",)), spatial_axis="space")
+
+
+def _split_roundtrip(split, x):
+    """Encode and decode x (1, H, W, 3) with its rows split over devices: padded below by reflection to a height
+    that splits evenly (twice the device count in latents), the padding cropped from the result."""
+    multiple = 2 * split.mesh.devices.size * split.vae.factor
+    padded = np.pad(x, ((0, 0), (0, -x.shape[1] % multiple), (0, 0), (0, 0)), mode="symmetric")
+    return np.asarray(split.decode(split.encode(padded)))[:, :x.shape[1]]
+
+
+def _reconstruct_one(vae, path: Path, label: str, target: Path, tile, auto, split, max_pixels) -> float:
     x = read_image(path)
     h, w = x.shape[0] // vae.factor * vae.factor, x.shape[1] // vae.factor * vae.factor
     if h == 0 or w == 0:
         raise ValueError(f"{x.shape[0]}x{x.shape[1]} is smaller than the model's factor {vae.factor}x{vae.factor}")
     x = x[None, :h, :w]  # top-left crop to a multiple of the model's factor
-    if tile is None and h * w > max_pixels:
+    roundtrip = lambda x: vae.decode(vae.encode(x, tile=tile), tile=tile)
+    if tile is None and h * w > max_pixels and split:
+        roundtrip = functools.partial(_split_roundtrip, split)
+        print(f"{label}: {h}x{w} is above --max-pixels {max_pixels}: its rows are split over "
+              f"{split.mesh.devices.size} devices (exact; --devices 1 to tile instead)", flush=True)
+    elif tile is None and h * w > max_pixels:
         tile = auto
         print(f"{label}: {h}x{w} is above --max-pixels {max_pixels}: tiling with {tile.size}:{tile.overlap} tiles "
               f"(memory stays bounded; use --tile to choose)", flush=True)
     timings = []
-    for _ in range(1 if tile else 2):  # untiled, the first call compiles for this shape, the second is steady state
+    for _ in range(1 if tile else 2):  # the first call compiles for this shape, the second is steady state
         t0 = time.perf_counter()
-        y = np.asarray(vae.decode(vae.encode(x, tile=tile), tile=tile), np.float32)
+        y = np.asarray(roundtrip(x), np.float32)
         timings.append(time.perf_counter() - t0)
     save_grid(target, [[x[0], y[0]]])
     result = psnr(y, x)
     timing = (f"{timings[0]:.1f} s in {tile.size}:{tile.overlap} tiles (incl. compile)" if tile else
               f"{timings[1] * 1000:.0f} ms/image (first call incl. compile {timings[0]:.1f} s)")
-    print(f"{label}: {h}x{w}  PSNR {result:.3f} dB  {timing}  -> {target}", flush=True)
+    print(f"{label}: {h}x{w}  PSNR {result:.3f} dB  {timing}  -> {printable(target)}", flush=True)
     return result
 
 
@@ -232,8 +269,10 @@ def convert_cmd(args):
         if args.src is None or not (args.encoder or args.decoder):
             args.parser.error("the following arguments are required: OUT")
         args.src, args.out = None, args.src
+    check_writable(args.out, "OUT")  # before the checkpoint is read
     config, params, name = _read(args)
-    convert.export(config, params, args.out, to=args.to, name=name, overwrite=args.overwrite)
+    with writing(args.out):
+        convert.export(config, params, args.out, to=args.to, name=name, overwrite=args.overwrite)
     print(f"wrote {config.family}:{name} as {args.to} to {args.out}")
 
 
@@ -255,6 +294,7 @@ def encode_dataset_cmd(args):
     if not (args.model or args.encoder or args.decoder):
         args.parser.error("give the model to encode with: --model (or --encoder)")
     source = _model_source(args)
+    check_writable(args.output)  # before a model given with Hub options loads, here
     # a plain source goes to encode_dataset as it is (its manifest records it); with Hub options, the model loaded
     model = source["source"] if list(source) == ["source"] else loading.load(**source, dtype=DTYPES[args.dtype])
     encode_dataset.encode_dataset(
@@ -302,6 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "bounds the memory one image takes (about 1 KB per pixel for TAESD, 3.7 KB for the SD 1.5 KL "
                    "decoder); larger images are tiled, 512:128 unless --tile, with a note saying so "
                    f"(default: {MAX_PIXELS} = 2**21, so 1920x1080 stays whole)")
+    p.add_argument("--devices", type=_positive, metavar="N", help="split the rows of an image above --max-pixels "
+                   "over N devices instead of tiling it: exactly the one-device result, 1/N of its activations on "
+                   "each device (the image is padded below by reflection to a height that splits evenly, and the "
+                   "padding cropped; default: every device, so one device tiles)")
     p.set_defaults(run=reconstruct)
 
     p = sub.add_parser("convert", help="convert a checkpoint to flax-vae, diffusers (PyTorch or Flax) or "

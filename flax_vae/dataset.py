@@ -10,6 +10,7 @@ image's pixels, so the SDXL size conditioning follows from it (see `Preprocessin
 """
 import dataclasses
 import math
+import os
 import tarfile
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from .images import IMAGE_SUFFIXES, open_image
+from .images import IMAGE_SUFFIXES, find_files, open_image, printable
 
 RESAMPLE = Image.Resampling.BICUBIC
 
@@ -31,44 +32,57 @@ class Item:
 
     def read(self) -> bytes:
         with open(self.path, "rb") as f:
+            if self.size < 0:
+                return f.read()
+            available = max(0, os.fstat(f.fileno()).st_size - self.offset)
+            if available < self.size:  # checked first: a lying tar header must not make us allocate its size
+                raise ValueError(f"truncated tar member: {available} of {self.size} bytes")
             f.seek(self.offset)
-            data = f.read(self.size)
-        if len(data) < self.size:
-            raise ValueError(f"truncated tar member: {len(data)} of {self.size} bytes")
-        return data
+            return f.read(self.size)
 
 
 def discover(source) -> tuple[list[Item], list[dict]]:
-    """The images under `source` (a folder, searched recursively, or one .tar file), sorted by key, and the tar
-    files that could not be read completely ({"key", "reason"}; images read before the damage are kept)."""
+    """The images under `source` (a folder, searched recursively with `images.find_files`, or one .tar file),
+    sorted by key, and what could not be read as {"key", "reason"}: tar files that could not be read completely
+    (the images before the damage are kept), tar members with unsafe names, folders that could not be searched,
+    broken links."""
     source = Path(source)
     if source.is_dir():
-        files, base = [p for p in source.rglob("*") if p.is_file()], source
+        (files, skipped), base = find_files(source, (*IMAGE_SUFFIXES, ".tar")), source
     elif source.is_file() and source.suffix == ".tar":
-        files, base = [source], source.parent
+        files, skipped, base = [source], [], source.parent
     else:
-        raise ValueError(f"input {source}: not a folder or a .tar file")
-    items, problems = [], []
+        raise ValueError(f"input {printable(source)}: not a folder or a .tar file")
+    items, problems = [], [{"key": path.relative_to(base).as_posix(), "reason": reason} for path, reason in skipped]
     for path in files:
-        key, suffix = path.relative_to(base).as_posix(), path.suffix.lower()
-        if suffix in IMAGE_SUFFIXES:
+        key = path.relative_to(base).as_posix()
+        if path.suffix.lower() == ".tar":
+            _tar_members(path, key, items, problems)
+        else:
             items.append(Item(key, str(path)))
-        elif suffix == ".tar":
-            problems += _tar_members(path, key, items)
     return sorted(items, key=lambda item: item.key), problems
 
 
-def _tar_members(path, key, items) -> list[dict]:
-    """Append the image members of a plain (uncompressed) tar file to `items`, addressed by byte offset."""
+def _tar_members(path, key, items, problems):
+    """Append the image members of a plain (uncompressed) tar file to `items`, addressed by byte offset, and what
+    cannot be read to `problems`. Nothing is extracted; members named outside the archive (absolute, or with ..)
+    are skipped all the same, so that no key can lead a consumer outside its folder."""
     try:
-        with tarfile.open(path, "r:") as tar:
+        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
             for m in tar:  # reads the headers only, seeking past the members' data
-                if m.isfile() and Path(m.name).suffix.lower() in IMAGE_SUFFIXES:
+                if not (m.isfile() and Path(m.name).suffix.lower() in IMAGE_SUFFIXES):
+                    continue
+                if m.name.startswith("/") or ".." in m.name.split("/"):
+                    problems.append({"key": f"{key}/{m.name}", "reason": "unsafe member name (an absolute path or "
+                                                                        "..): skipped, never read"})
+                else:
                     items.append(Item(f"{key}/{m.name}", str(path), m.offset_data, m.size))
+            f.seek(tar.offset)  # tarfile takes a damaged header after the first for the end of the archive
+            if f.read(tarfile.BLOCKSIZE).strip(b"\0"):
+                raise tarfile.ReadError(f"a damaged header at byte {tar.offset}")
     except (tarfile.TarError, OSError) as e:
-        return [{"key": key, "reason": f"damaged or not a plain (uncompressed) tar file: {e}; "
-                                       f"the images found before the damage are kept"}]
-    return []
+        problems.append({"key": key, "reason": f"damaged or not a plain (uncompressed) tar file: {e}; the images "
+                                               f"found before the damage are kept"})
 
 
 def bucket_sizes(resolution: int, step: int, max_aspect: float = 4.0) -> tuple[tuple[int, int], ...]:

@@ -156,7 +156,9 @@ def conv(features, kernel=3, groups=1, use_bias=True, name=None, dtype=jnp.float
 class DepthwiseConv(nn.Module):
     """kxk conv of each channel on its own (stride 1, zero padding k//2); the parameters of a grouped
     nn.Conv (kernel (k, k, 1, C)). Written as k*k shifted multiply-adds, which XLA fuses into one pass: its
-    grouped convolution with thousands of groups is slower on CPU."""
+    grouped convolution with thousands of groups is slower on CPU. The k row shifts are taken once, whole (with
+    rows split over devices, each is one exchange of k//2 rows with the neighbours), and the k column shifts of
+    each are slices."""
     kernel_size: int
     use_bias: bool = True
     dtype: Any = jnp.float32
@@ -166,7 +168,8 @@ class DepthwiseConv(nn.Module):
         k, (_, h, w, c) = self.kernel_size, x.shape
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, 1, c)).astype(self.dtype)
         p = jnp.pad(x.astype(self.dtype), ((0, 0), (k // 2, k // 2), (k // 2, k // 2), (0, 0)))
-        y = sum(p[:, i:i + h, j:j + w] * kernel[i, j, 0] for i in range(k) for j in range(k))
+        rows = [p[:, i:i + h] for i in range(k)]  # row tap i reads row y + i - k//2
+        y = sum(rows[i][:, :, j:j + w] * kernel[i, j, 0] for i in range(k) for j in range(k))
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (c,)).astype(self.dtype)
         return y
@@ -396,6 +399,11 @@ class DCAE(nn.Module):
     def unscale_latents(self, z):
         """Diffusion latents -> raw latents, the inverse of `scale_latents`."""
         return z / self.config.scaling_factor + self.config.shift_factor
+
+    @nn.nowrap
+    def for_split_rows(self):
+        """This model for rows split over devices (the family contract, `flax_vae.family.Module`)."""
+        return self  # no loops over rows
 
     def __call__(self, images):
         return self.decode(self.encode(images))

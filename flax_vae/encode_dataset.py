@@ -13,7 +13,8 @@ The output folder:
     latents-000012.json         the unit's record, written after its shard: sha256, counts, skipped inputs
     manifest.json               written when every unit is done: model, config, scaling, preprocessing, counts,
                                 every shard with its sha256
-    skipped.jsonl               every skipped input as {"key": ..., "reason": ...}
+    skipped.jsonl               every skipped input, and what could not be searched or read (folders, tar files,
+                                links), as {"key": ..., "reason": ...}
 
 Process p of P takes the units u with u % P == p and encodes them on its own devices only: encoding needs no
 communication, so no host waits for another's batches; the processes meet once, at the end, before the manifest.
@@ -43,7 +44,7 @@ from . import parallel
 from .autoencoder import Autoencoder, encode_fn, posterior_fn
 from .convert.checkpoint import write_atomic
 from .dataset import Loaded, Preprocessing, discover, load_in_parallel
-from .images import IMAGE_SUFFIXES
+from .images import IMAGE_SUFFIXES, check_writable, printable, writing
 from .layers import sample_gaussian
 from .loading import load
 
@@ -86,14 +87,13 @@ def encode_dataset(model, input, output, *, resolution=512, buckets=False, bucke
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if not Path(input).exists():
-        raise ValueError(f"input {input}: no such file or folder")
+        raise ValueError(f"input {printable(input)}: no such file or folder")
     output = Path(output)
+    check_writable(output)
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ValueError(f"output {output}: cannot create the folder: {e}") from None
-    if not os.access(output, os.W_OK):
-        raise ValueError(f"output {output}: not writable")
+        raise ValueError(f"output {printable(output)}: cannot create the folder: {e}") from None
     devices = jax.local_devices()
     if batch_size % len(devices):
         raise ValueError(f"batch_size {batch_size} must be a multiple of the {len(devices)} local devices")
@@ -103,7 +103,7 @@ def encode_dataset(model, input, output, *, resolution=512, buckets=False, bucke
     preprocessing = Preprocessing(resolution, buckets, bucket_step, resolution // 2 if min_size is None else min_size)
     items, unreadable = discover(input)
     if not items:
-        raise ValueError(f"input {input}: no images ({', '.join(IMAGE_SUFFIXES)}, or inside .tar files)")
+        raise ValueError(f"input {printable(input)}: no images ({', '.join(IMAGE_SUFFIXES)}, or inside .tar files)")
     stored = ["latents"] + ["logvar"] * logvar + ["samples"] * sample
     job = _job(vae, preprocessing, items, shard_size, stored, seed)
     process, processes = jax.process_index(), jax.process_count()
@@ -120,13 +120,17 @@ def encode_dataset(model, input, output, *, resolution=512, buckets=False, bucke
     mine = range(process, units, processes)
     todo = [u for u in mine if not _unit_done(output, u)]
     work = [(i, items[i]) for u in todo for i in range(u * shard_size, min((u + 1) * shard_size, len(items)))]
+    who = f"process {process}: " if processes > 1 else ""
+    print(f"{who}{len(items)} images in {units} shards; "
+          f"{len(mine) - len(todo)} of this process's {len(mine)} shards already done, encoding {len(work)} images",
+          flush=True)
     start = time.perf_counter()
     stats = _run(vae, work, preprocessing, output, batch_size=batch_size, shard_size=shard_size,
                  stored=tuple(stored), seed=seed, threads=threads or os.cpu_count(), progress=progress,
                  desc=f"encoding (process {process}/{processes})" if processes > 1 else "encoding")
     stats["seconds"] = time.perf_counter() - start
     stats.update(shards_written=len(todo), shards_already_done=len(mine) - len(todo))
-    print(f"{'process %d: ' % process if processes > 1 else ''}encoded {stats['encoded']} images "
+    print(f"{who}encoded {stats['encoded']} images "
           f"({stats['skipped']} skipped) into {len(todo)} shards in {stats['seconds']:.1f} s: "
           f"{stats['encoded'] / max(stats['seconds'], 1e-9):.1f} images/s; waited {stats['input_wait']:.1f} s for "
           f"images, {stats['device_wait']:.1f} s for the devices; {stats['shards_already_done']} shards were "
@@ -138,7 +142,7 @@ def encode_dataset(model, input, output, *, resolution=512, buckets=False, bucke
         manifest = _write_manifest(output, job, units, unreadable, dict(model=str(model) if isinstance(
             model, (str, os.PathLike)) else vae.name, input=str(input)))
         c = manifest["counts"]
-        print(f"{output}: {c['encoded']} of {c['inputs']} images encoded in {c['shards']} shards, "
+        print(f"{printable(output)}: {c['encoded']} of {c['inputs']} images encoded in {c['shards']} shards, "
               f"{c['skipped']} skipped (listed in skipped.jsonl); manifest.json written", flush=True)
     return stats
 
@@ -173,7 +177,7 @@ def _run(vae, work, preprocessing, output, *, batch_size, shard_size, stored, se
         arrays = {k: parallel.local_rows(v)[:n] for k, v in out.items()}
         stats["device_wait"] += time.perf_counter() - t0
         if not all(np.isfinite(a).all() for a in arrays.values()):  # on the host: the devices are busy
-            vae._finite(arrays, "encode")  # raises, naming the fix
+            _stop_at_non_finite(vae, event, arrays)
         results.setdefault(event.unit, []).append((event.rows, arrays))
         stats["encoded"] += n
         bar.update(n)
@@ -196,6 +200,20 @@ def _run(vae, work, preprocessing, output, *, batch_size, shard_size, stored, se
     return stats
 
 
+def _stop_at_non_finite(vae, batch: Batch, arrays: dict):
+    """Raise a FloatingPointError naming the batch's first image with a NaN or inf in its stored arrays, before
+    its unit's shard is written."""
+    finite = np.all([np.isfinite(a).reshape(len(a), -1).all(axis=1) for a in arrays.values()], axis=0)
+    bad = [row.key for row, ok in zip(batch.rows, finite) if not ok]
+    more = f" (and {len(bad) - 1} more images of its batch)" if len(bad) > 1 else ""
+    try:
+        vae._nonfinite("encode")
+    except FloatingPointError as e:
+        raise FloatingPointError(f"{printable(bad[0])}{more}: {e}; stopped before writing {shard_name(batch.unit)} "
+                                 f"(the shards written so far are kept): remove or replace the image, or change the "
+                                 f"model or dtype, then run again") from None
+
+
 def _check_model(vae, resolution, buckets, bucket_step, logvar, sample):
     if "encoder" not in vae.params:
         raise ValueError(f"{vae!r} has no encoder")
@@ -215,7 +233,7 @@ def _job(vae, preprocessing, items, shard_size, stored, seed) -> dict:
     params = hashlib.sha256()
     for leaf in jax.tree.leaves(vae.params["encoder"]):
         params.update(np.asarray(leaf).tobytes())
-    keys = hashlib.sha256("\n".join(item.key for item in items).encode())
+    keys = hashlib.sha256("\n".join(item.key for item in items).encode("utf-8", "surrogateescape"))
     return dict(format=FORMAT, model=dict(name=vae.name, family=vae.config.family,
                                           config=dataclasses.asdict(vae.config), dtype=jnp.dtype(vae.dtype).name,
                                           encoder_sha256=params.hexdigest()),
@@ -233,10 +251,10 @@ def _claim(output: Path, job: dict):
         recorded = json.loads(path.read_text())
         if recorded != job:
             differ = sorted(k for k in job.keys() | recorded.keys() if job.get(k) != recorded.get(k))
-            raise ValueError(f"output {output} holds a different job (differs in: {', '.join(differ)}); "
+            raise ValueError(f"output {printable(output)} holds a different job (differs in: {', '.join(differ)}); "
                              f"use a new output folder, or the original settings and inputs to resume it")
     else:
-        write_atomic(path, json.dumps(job, indent=1).encode())
+        _write(path, json.dumps(job, indent=1).encode())
 
 
 def _unit_done(output: Path, unit: int) -> bool:
@@ -296,11 +314,11 @@ def _write_unit(output: Path, unit: int, batches, skipped):
             tensors[f"{name}/{k}"] = np.concatenate([a[k] for a in arrays])
         keys[name] = [r.key for r in rows]
     data = safetensors.numpy.save(tensors, {"keys": json.dumps(keys)})  # one entry: its order is fixed
-    write_atomic(output / f"{shard_name(unit)}.safetensors", data)
+    _write(output / f"{shard_name(unit)}.safetensors", data)
     record = dict(unit=unit, file=f"{shard_name(unit)}.safetensors", sha256=hashlib.sha256(data).hexdigest(),
                   images=sum(len(rows) for rows, _ in groups.values()),
                   sizes={f"{h}x{w}": len(rows) for (h, w), (rows, _) in sorted(groups.items())}, skipped=skipped)
-    write_atomic(output / f"{shard_name(unit)}.json", json.dumps(record).encode())
+    _write(output / f"{shard_name(unit)}.json", json.dumps(record).encode())
 
 
 def _write_manifest(output: Path, job: dict, units: int, unreadable: list[dict], sources: dict) -> dict:
@@ -311,18 +329,24 @@ def _write_manifest(output: Path, job: dict, units: int, unreadable: list[dict],
             raise RuntimeError(f"{path} is missing after every process finished: run the job again")
         records.append(json.loads(path.read_text()))
     skipped = unreadable + [s for r in records for s in r["skipped"]]
-    write_atomic(output / "skipped.jsonl", "".join(json.dumps(s) + "\n" for s in skipped).encode())
+    _write(output / "skipped.jsonl", "".join(json.dumps(s) + "\n" for s in skipped).encode())
     config = job["model"]["config"]
     encoded = sum(r["images"] for r in records)
+    tars = sum(s["key"].endswith(".tar") for s in unreadable)  # the others: folders, links, unsafe member names
     manifest = dict(job, sources=sources,
                     scaling=dict(scaling_factor=config.get("scaling_factor", 1.0),
                                  shift_factor=config.get("shift_factor", 0.0)),
                     counts=dict(inputs=job["inputs"]["count"], encoded=encoded,
                                 skipped=sum(len(r["skipped"]) for r in records),
-                                unreadable_tar_files=len(unreadable), shards=units),
+                                unreadable_tar_files=tars, shards=units),
                     shards=[{k: r[k] for k in ("file", "sha256", "images", "sizes")} for r in records])
-    write_atomic(output / "manifest.json", json.dumps(manifest, indent=1).encode())
+    _write(output / "manifest.json", json.dumps(manifest, indent=1).encode())
     return manifest
+
+
+def _write(path: Path, data: bytes):
+    with writing(path):
+        write_atomic(path, data)
 
 
 def _sha256(path) -> str:

@@ -48,6 +48,11 @@ class Module(Protocol):
     def unscale_latents(self, z) -> jax.Array:
         """The diffusion model's latent space -> raw latents."""
 
+    def for_split_rows(self) -> "Module":
+        """The same model for inputs whose rows are split over devices (`flax_vae.data_parallel(...,
+        spatial_axis=)`): without loops over bands of rows, which would regather the rows, and need no bands
+        there, each device holding 1/n of them."""
+
 
 class ModelFile(Protocol):
     """What a model file defines at module level."""

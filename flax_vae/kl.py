@@ -497,6 +497,11 @@ class AutoencoderKL(nn.Module):
             z = pixel_shuffle(self.latent_norm.denormalize(z))
         return z
 
+    @nn.nowrap
+    def for_split_rows(self):
+        """This model for rows split over devices (the family contract, `flax_vae.family.Module`): unbanded."""
+        return self.clone(band_above=None)
+
     def __call__(self, images):  # a round trip through the diffusion latent space (touches every parameter)
         return self.decode(self.unscale_latents(self.scale_latents(self.encode(images))))
 

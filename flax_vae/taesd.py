@@ -153,6 +153,11 @@ class TAESD(nn.Module):
         """Diffusion latents -> raw latents, the inverse of `scale_latents`."""
         return z / self.config.scaling_factor + self.config.shift_factor
 
+    @nn.nowrap
+    def for_split_rows(self):
+        """This model for rows split over devices (the family contract, `flax_vae.family.Module`)."""
+        return self  # no loops over rows
+
     def __call__(self, images):
         return self.decode(self.encode(images))
 

@@ -14,8 +14,10 @@ before it. `plan_bytes` is XLA's buffer plan of the call (`compiled.memory_analy
 import argparse
 import ctypes
 import dataclasses
+import functools
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -23,14 +25,16 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from . import family
-from .autoencoder import Autoencoder, _decode
+from .autoencoder import Autoencoder, decode_fn, encode_fn
 from .dcae import PRESETS as DCAE_PRESETS
 from .images import BUNDLED_PHOTOS, read_image
 from .kl import PRESETS as KL_PRESETS
 from .kl import KLConfig
 from .loading import load
+from .parallel import split_rows_sharding
 from .tiling import Tiling
 
 _F32 = DCAE_PRESETS["dc-ae-f32c32-sana-1.0"]
@@ -113,9 +117,26 @@ def _status(field):
 
 def plan_bytes(vae, latent_shape) -> int:
     """XLA's buffer plan of one decode call on latents of this shape, params included."""
-    spec = jax.ShapeDtypeStruct(latent_shape, jnp.float32)
-    m = _decode.lower(vae.module, vae.params, spec).compile().memory_analysis()
+    m = compiled(vae.module, vae.params, "decode", latent_shape).memory_analysis()
     return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+
+
+def compiled(module, params, what: str, shape, mesh=None):
+    """XLA's compiled program (not run) of "encode" or "decode" on float32 inputs of `shape`: on one device, or
+    with rows split over the "space" axis of `mesh` (the layout of `split_rows_sharding`)."""
+    fn = functools.partial({"encode": encode_fn, "decode": decode_fn}[what], module)
+    x = jax.ShapeDtypeStruct(shape, jnp.float32)
+    if mesh is None:
+        return jax.jit(fn).lower(params, x).compile()
+    rows = split_rows_sharding(mesh)
+    return jax.jit(fn, in_shardings=(NamedSharding(mesh, PartitionSpec()), rows),
+                   out_shardings=rows).lower(params, x).compile()
+
+
+def all_gathers(program) -> list[tuple[int, ...]]:
+    """The shapes a compiled program all-gathers (whole tensors assembled on every device)."""
+    return [tuple(int(d) for d in dims.split(",") if d) for dims in
+            re.findall(r"= \w+\[([\d,]*)\][^ ]* all-gather\(", program.as_text())]
 
 
 def worker(name, sizes, tiling):
@@ -131,7 +152,7 @@ def worker(name, sizes, tiling):
         z = np.random.default_rng(0).standard_normal((1, size // c.factor, size // c.factor, c.latent_channels),
                                                      dtype=np.float32)
         if tiling is None:
-            decode = _decode.lower(vae.module, vae.params, z).compile()
+            decode = compiled(vae.module, vae.params, "decode", z.shape)
             run = lambda: decode(vae.params, z)
         else:
             run = lambda: vae.decode(z, tile=tiling)

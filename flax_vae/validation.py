@@ -5,19 +5,35 @@ import types
 import typing
 
 MAX_INT = 2**16  # no count or width in any released autoencoder comes near this; beyond it, allocation fails
+# Reading any checkpoint traces the model layer by layer, so a config.json asking for thousands of stages or layers
+# would hang the loader. Released autoencoders have at most 8 stages and 10 layers per stage.
+MAX_STAGES = 10  # entries of each of these
+STAGE_FIELDS = ("block_out_channels", "decoder_block_out_channels", "encoder_widths", "decoder_widths")
+MAX_LAYERS = 16  # each of these, or each of their entries
+LAYER_FIELDS = ("depth", "layers_per_block", "encoder_depths", "decoder_depths")
+POSITIVE_FIELDS = ("latent_channels", "norm_num_groups", "head_dim")  # counts that are divided by
 
 
 def check_fields(config):
     """Raise ValueError naming the first field of the dataclass `config` whose value does not fit its annotation
-    (bool, int in [0, MAX_INT], finite float, str, tuples and optional values of those), or whose
-    latent_channels is below 1 or scaling_factor is 0."""
+    (bool, int in [0, MAX_INT], finite float, str, tuples and optional values of those), that is 0 where it is
+    divided by (POSITIVE_FIELDS, scaling_factor), or that asks for more than MAX_STAGES stages or MAX_LAYERS layers
+    per stage."""
     hints = typing.get_type_hints(type(config))
     for field in dataclasses.fields(config):
         _check(field.name, getattr(config, field.name), hints[field.name])
-    if config.latent_channels < 1:
-        raise ValueError(f"latent_channels: must be at least 1, got {config.latent_channels}")
+    for name in POSITIVE_FIELDS:
+        if getattr(config, name, 1) < 1:
+            raise ValueError(f"{name}: must be at least 1, got {getattr(config, name)}")
     if getattr(config, "scaling_factor", 1.0) == 0:
         raise ValueError("scaling_factor: must not be 0 (latents are divided by it)")
+    for name in STAGE_FIELDS:
+        if len(getattr(config, name, None) or ()) > MAX_STAGES:
+            raise ValueError(f"{name}: at most {MAX_STAGES} stages, got {len(getattr(config, name))}")
+    for name in LAYER_FIELDS:
+        value = getattr(config, name, 0)
+        if max(value if isinstance(value, (tuple, list)) else [value], default=0) > MAX_LAYERS:
+            raise ValueError(f"{name}: at most {MAX_LAYERS} layers per stage, got {value}")
 
 
 def _check(name, value, hint):

@@ -1,16 +1,19 @@
 """The `flax-vae` command line: reconstruct (tiles, memory budget, output names, bad files), convert (OUT,
---overwrite), one-line errors and exit codes, verify-latents on a non-output, lean imports, distill's help and
-unreadable training images."""
+--overwrite, a full disk), one-line errors and exit codes, read-only output folders, verify-latents on a
+non-output, lean imports, distill's help and unreadable training images."""
 import json
 import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from flax_vae import cli, loading
+import flax_vae
+from flax_vae import cli, encode_dataset, loading
 
 
 def image(path, h=64, w=64, seed=0):
@@ -74,7 +77,8 @@ def test_reconstruct_tile_must_fit_the_models_factor(tmp_path, capsys):
 
 def test_reconstruct_tiles_above_max_pixels_and_says_so_once(tmp_path, capsys):
     big, small = image(tmp_path / "big.png", 64, 96), image(tmp_path / "small.png", 64, 64)
-    out = run(["reconstruct", big, small, "--model", "taesd", "--max-pixels", 64 * 64, "--out", tmp_path / "o"],
+    out = run(["reconstruct", big, small, "--model", "taesd", "--max-pixels", 64 * 64, "--devices", 1,
+               "--out", tmp_path / "o"],
               capsys).out
     notes = [line for line in out.splitlines() if "above --max-pixels" in line]
     assert notes == [f"{big}: 64x96 is above --max-pixels 4096: tiling with 512:128 tiles (memory stays bounded; "
@@ -82,6 +86,8 @@ def test_reconstruct_tiles_above_max_pixels_and_says_so_once(tmp_path, capsys):
     assert "in 512:128 tiles" in out and "mean PSNR" in out and "over 2 images" in out
     err = run(["reconstruct", "--max-pixels", "0"], capsys, code=2).err
     assert "argument --max-pixels" in one_error_line(err)
+    err = run(["reconstruct", "--devices", "9"], capsys, code=2).err
+    assert "--devices 9: this machine has 8" in one_error_line(err)
     assert f"default: {cli.MAX_PIXELS}" in run(["reconstruct", "--help"], capsys, code=0).out.replace("\n", " ")
 
 
@@ -194,6 +200,67 @@ def test_unexpected_errors_are_caught_but_not_keyboard_interrupt(monkeypatch, ca
     monkeypatch.setattr(cli, "info", fails(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         cli.main(["info", "taesd"])
+
+
+# outputs that cannot be written
+
+@pytest.fixture
+def unwritable(tmp_path):
+    """(a folder where no file can be created, the system's reason). Read-only permissions do it, except for root,
+    which they do not stop; as root, /sys, where the kernel refuses new files to everyone (no unprivileged way
+    makes a read-only folder for root)."""
+    folder = tmp_path / "read-only"
+    folder.mkdir(mode=0o555)
+    for candidate in (folder, Path("/sys")):
+        try:
+            with tempfile.TemporaryFile(dir=candidate):
+                pass
+        except OSError as e:
+            yield candidate, e.strerror
+            break
+    else:
+        pytest.skip("no unwritable folder: running as root, without /sys")
+    folder.chmod(0o755)
+
+
+@pytest.mark.parametrize("command", ["encode-dataset", "convert", "distill", "reconstruct"])
+def test_a_read_only_output_is_one_error_before_any_work(unwritable, monkeypatch, tmp_path, capsys, command):
+    folder, reason = unwritable
+    out = folder / "out"
+    argv, what = {"encode-dataset": (["--model", "taesd", "--input", tmp_path, "--output", out], "output"),
+                  "convert": (["taesd", out], "OUT"),
+                  "distill": (["--teacher", "taesd", "--data", tmp_path, "--out", out], "--out"),
+                  "reconstruct": (["--out", out], "--out")}[command]
+
+    def work(*args, **kw):
+        raise AssertionError("the model was read before the output was checked")
+    for module in (loading, encode_dataset, flax_vae):
+        monkeypatch.setattr(module, "load", work)
+    monkeypatch.setattr(loading, "read", work)
+    err = run([command, *argv], capsys, code=1).err
+    assert one_error_line(err) == (f"error: {what} {out}: not writable ({reason} in {folder}); choose another "
+                                   f"folder, or make it writable")
+    assert not out.exists()
+
+
+def _limited(size: int) -> str:
+    """`python -c` code: the command line, in a process whose files cannot grow past `size` bytes (RLIMIT_FSIZE:
+    a full disk without privileges; Python ignores SIGXFSZ, so the write fails with EFBIG, as with ENOSPC)."""
+    return (f"import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, ({size}, {size})); "
+            f"from flax_vae.cli import main; main(sys.argv[1:])")
+
+
+def test_convert_on_a_full_disk_is_one_error_and_leaves_nothing(tmp_path, capsys):
+    """100 KB at most per file (the TAESD weights are 10 MB): one line naming OUT, no file left behind, and the
+    same command works once the limit is lifted."""
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, "-c", _limited(100_000), "convert", "taesd", str(out)], capture_output=True,
+                       text=True, timeout=300, check=False)
+    assert p.returncode == 1 and one_error_line(p.stderr) == (
+        f"error: file size limit exceeded while writing {out} (File too large); nothing was half written: free some "
+        f"space (or raise the limit) and run the same command again")
+    assert list(tmp_path.iterdir()) == []
+    assert "wrote taesd:taesd as flax" in run(["convert", "taesd", out], capsys).out
 
 
 # verify-latents

@@ -1,4 +1,5 @@
-"""Distillation (train/): a short smoke run learns, exports reload (diffusers too), resume is exact, bad input."""
+"""Distillation (train/): a short smoke run learns, exports reload (diffusers too), resume is exact (after kill -9 at
+random moments: tests/test_kills.py), bad input."""
 import json
 
 import jax
@@ -138,6 +139,16 @@ def test_incompatible_resume_and_occupied_folder_are_refused(folders, smoke, tmp
     with pytest.raises(ValueError, match="holds no run"):
         distill.distill(config(folders, tmp_path / "none", steps=2), resume=True)
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_a_new_run_takes_the_folder_of_one_killed_before_its_config_was_written(folders, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".config.json.k1ll3d.partial").write_text('{"teach')  # the temporary file of an unfinished write
+    assert distill.check_run(config(folders, run), resume=False) == run
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="already exists and is not an empty folder"):
+        distill.check_run(config(folders, run), resume=False)
 
 
 def test_crop_schedule():

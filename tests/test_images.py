@@ -169,15 +169,19 @@ def test_encode_dataset_preprocessing_reads_16_bit_and_alpha():
         assert np.abs(got[0].astype(int) - want[0]).max() <= 1
 
 
-def test_training_data_skips_unreadable_files(tmp_path):
+def test_training_data_skips_unreadable_and_tiny_files(tmp_path):
     for name in ["a.png", "c.jpg"]:
         Image.fromarray(RGB).save(tmp_path / name)
     (tmp_path / "b.png").write_bytes(b"not a png")
-    files = data.image_files(tmp_path)
+    Image.fromarray(RGB[:3, :2]).save(tmp_path / "d.png")  # upscaled to the crop, it would be blur
+    listing = []
+    files = data.image_files(tmp_path, listing)
+    assert listing == [] and len(files) == 4
     crops = data.Crops(files, 16)
     assert len(crops.pyramids) == 2
     reason = "not a readable image: not an image (or a format Pillow cannot read)"
-    assert crops.skipped == [(tmp_path / "b.png", reason)]
+    tiny = "2x3 is too small: the short side must be at least 4 pixels (a quarter of the crop or evaluation size)"
+    assert crops.skipped == [(tmp_path / "b.png", reason), (tmp_path / "d.png", tiny)]
     assert crops.sample(np.random.default_rng(0), 3, 16).shape == (3, 16, 16, 3)
     skipped = []
     assert data.eval_images(files, 16, skipped).shape == (2, 16, 16, 3) and skipped == crops.skipped

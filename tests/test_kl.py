@@ -330,7 +330,8 @@ def test_float16_overflow_is_reported_and_bfloat16_works(sd15, small_images):
     big = jax.tree_util.tree_map_with_path(
         lambda path, a: a * 1e6 if "conv_out" in jax.tree_util.keystr(path) else a, vae.params)
     fp16 = dataclasses.replace(vae, params=big, module=AutoencoderKL(vae.config, dtype=jnp.float16))
-    with pytest.raises(FloatingPointError, match="bfloat16.*fp16-fix"):
+    with pytest.raises(FloatingPointError, match=r"\(float16 compute\), first in the output of decoder/conv_out; "
+                                                 r"load it with dtype=jnp.bfloat16.*fp16-fix"):
         fp16.decode(ref[0])
 
 

@@ -12,7 +12,7 @@ from flax_vae import kl
 from flax_vae.family import init_params
 from flax_vae.autoencoder import Autoencoder
 
-from conftest import run_processes
+from conftest import max_abs_rel, run_processes
 
 ATOL = 1e-5
 
@@ -92,6 +92,11 @@ def test_two_processes_each_encode_their_rows(taesd, crops, tmp_path):
     np.testing.assert_allclose(latents, taesd.encode(crops[:5]), atol=ATOL)
     np.testing.assert_allclose(np.concatenate([p["latents_pmap"] for p in parts]), latents, atol=ATOL)
     np.testing.assert_allclose(np.concatenate([p["decoded"] for p in parts]), taesd.decode(latents), atol=ATOL)
+    # each image's rows split over the four devices of both processes: equal to one device (tests/test_spatial.py)
+    taef2 = flax_vae.load("taef2")
+    for p in parts:
+        assert max_abs_rel(p["split_latents"], taef2.encode(crops[:5])) <= 1e-5
+        assert max_abs_rel(p["split_decoded"], taef2.decode(p["split_latents"])) <= 1e-5
 
 
 def test_pure_functions_under_jit_vmap_and_grad(taesd, crops):

@@ -3,35 +3,44 @@
 Each image is kept as a small pyramid (scales 1, 3/4, 1/2, 3/8), so one crop size sees both detail and layout.
 Augmentations: random scale, position, horizontal flip, rotation by 90 degrees, brightness/contrast/saturation.
 Images are read by `flax_vae.images.open_image` (as shown: EXIF orientation, alpha on white, 16-bit scaled); the
-unreadable ones are skipped and recorded, as encode-dataset does.
+unreadable and the tiny ones are skipped and recorded, as encode-dataset does.
 """
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from flax_vae.images import IMAGE_SUFFIXES, open_image
+from flax_vae.images import IMAGE_SUFFIXES, find_files, open_image, printable
 
 SCALES = (1.0, 0.75, 0.5, 0.375)
 
 
-def image_files(folder) -> list[Path]:
+def image_files(folder, skipped: list) -> list[Path]:
+    """The image files under `folder` (`images.find_files`); what cannot be searched (folders, broken links) is
+    appended to `skipped` as (path, reason)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise ValueError(f"data folder {folder}: not a folder")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        raise ValueError(f"data folder {printable(folder)}: not a folder")
+    files, problems = find_files(folder, IMAGE_SUFFIXES)
+    skipped += problems
     if not files:
-        raise ValueError(f"data folder {folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise ValueError(f"data folder {printable(folder)}: no images ({', '.join(IMAGE_SUFFIXES)})")
     return files
 
 
-def readable(files, skipped: list):
-    """The readable files in `files` as RGB PIL images; the others are appended to `skipped` as (path, reason)."""
+def readable(files, skipped: list, min_side: int):
+    """The readable files in `files` as RGB PIL images; the others, and those whose short side is under `min_side`
+    (found from the header, before decoding), are appended to `skipped` as (path, reason)."""
+    def check_size(width, height):
+        if min(width, height) < min_side:  # upscaled more than 4x, an image is blur; 100000x1 would be gigabytes
+            raise ValueError(f"{width}x{height} is too small: the short side must be at least {min_side} pixels "
+                             f"(a quarter of the crop or evaluation size)")
+
     for path in files:
         try:
-            yield open_image(path)
+            yield open_image(path, check_size)
         except ValueError as e:
-            skipped.append((Path(path), str(e).removeprefix(f"{path}: ")))
+            skipped.append((Path(path), str(e).removeprefix(f"{printable(path)}: ")))
 
 
 def _none_readable(skipped) -> ValueError:
@@ -42,11 +51,12 @@ def _none_readable(skipped) -> ValueError:
 
 class Crops:
     """Random augmented square crops of the images in `files`, as (N, size, size, 3) float32 in [-1, 1].
-    Unreadable files are skipped: `skipped` lists them as (path, reason); none readable raises ValueError."""
+    Unreadable files, and images whose short side is under a quarter of `max_crop`, are skipped: `skipped` lists
+    them as (path, reason); none readable raises ValueError."""
 
     def __init__(self, files, max_crop: int):
         self.pyramids, self.skipped = [], []
-        for im in readable(files, self.skipped):
+        for im in readable(files, self.skipped, max(1, max_crop // 4)):
             if min(im.size) < max_crop:  # small images are upscaled so that every crop size fits
                 im = im.resize([round(s * max_crop / min(im.size)) for s in im.size], Image.BICUBIC)
             self.pyramids.append([np.asarray(im.resize([round(s * scale) for s in im.size], Image.LANCZOS))
@@ -77,11 +87,11 @@ def jitter(x, rng, strength=0.1):
 
 def eval_images(files, size: int, skipped: list | None = None) -> np.ndarray:
     """Held-out images: the short side resized to `size`, the centre `size` x `size` square. (N, size, size, 3)
-    float32 in [-1, 1], N the readable files (the others are appended to `skipped` as (path, reason), when given);
-    none readable raises ValueError."""
+    float32 in [-1, 1], N the readable files whose short side is at least a quarter of `size` (the others are
+    appended to `skipped` as (path, reason), when given); none readable raises ValueError."""
     out = []
     skipped = [] if skipped is None else skipped
-    for im in readable(files, skipped):
+    for im in readable(files, skipped, max(1, size // 4)):
         scale = size / min(im.size)
         im = im.resize([max(size, round(s * scale)) for s in im.size], Image.LANCZOS)
         left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2

@@ -26,10 +26,9 @@ import orbax.checkpoint as ocp
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
-from flax_vae import convert
 import flax_vae
-from flax_vae import parallel
-from flax_vae.images import psnr, save_grid
+from flax_vae import convert, parallel
+from flax_vae.images import check_writable, printable, psnr, save_grid, writing
 
 from . import data, students
 
@@ -119,18 +118,19 @@ class Distiller:
             raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of the {self.mesh.devices.size} "
                              f"devices and at most --pool-size {cfg.pool_size}")
 
-        train_files = data.image_files(cfg.data)
+        self.skipped = []  # (path, reason): unreadable images and folders, listed once the run starts
+        train_files = data.image_files(cfg.data, self.skipped)
         if cfg.eval_data:
-            eval_files = data.image_files(cfg.eval_data)
+            eval_files = data.image_files(cfg.eval_data, self.skipped)
         elif len(train_files) < 2:
             raise ValueError(f"data folder {cfg.data}: one image; give at least two or a separate --eval-data")
         else:  # hold out the last eighth
             held = max(1, len(train_files) // 8)
             train_files, eval_files = train_files[:-held], train_files[-held:]
         self.train_files, self.eval_files = train_files, eval_files
-        # unreadable images are skipped (listed in self.skipped as (path, reason)); none readable is an error
+        # unreadable images are skipped (listed in self.skipped); none readable is an error
         self.crops = data.Crops(train_files, max(size for _, size in self.schedule))
-        self.skipped = list(self.crops.skipped)
+        self.skipped += self.crops.skipped
         self.held_images = data.eval_images(eval_files, cfg.eval_size, self.skipped)
 
         self.teacher = flax_vae.load(cfg.teacher)
@@ -314,14 +314,16 @@ class Distiller:
 
 def skipped_line(skipped, shown=5) -> str:
     """[(path, reason), ...] -> "skipped 2 unreadable images: a.png (reason), b.png (reason)" (the first few)."""
-    names = [f"{Path(path).name} ({reason})" for path, reason in skipped[:shown]]
+    names = [f"{printable(Path(path).name)} ({reason})" for path, reason in skipped[:shown]]
     more = f", and {len(skipped) - shown} more" if len(skipped) > shown else ""
     return f"skipped {len(skipped)} unreadable image{'s' if len(skipped) != 1 else ''}: {', '.join(names)}{more}"
 
 
 def check_run(cfg: Config, resume: bool) -> Path:
-    """A new run needs an empty or missing folder; a resumed one the same settings. Nothing is written here."""
+    """A new run needs an empty or missing folder in a writable place; a resumed one the same settings. Nothing is
+    written here."""
     run, saved = Path(cfg.out), Path(cfg.out) / "config.json"
+    check_writable(run, "--out")
     if resume:
         if not saved.is_file():
             raise ValueError(f"--resume: {run} holds no run (no config.json)")
@@ -330,7 +332,8 @@ def check_run(cfg: Config, resume: bool) -> Path:
         if changed:
             raise ValueError(f"--resume: {run} was trained with other settings: " + ", ".join(
                 f"{k} {a!r} (now {b!r})" for k, (a, b) in changed.items()))
-    elif run.exists() and (not run.is_dir() or any(run.iterdir())):
+    elif run.exists() and (not run.is_dir() or any(not p.name.endswith(".partial") for p in run.iterdir())):
+        # .partial: a killed run's unfinished first write of config.json; the new run writes it again
         raise ValueError(f"{run} already exists and is not an empty folder: pass --resume to continue that run, "
                          f"or choose another --out")
     return run
@@ -345,11 +348,12 @@ def distill(cfg: Config, resume: bool = False) -> dict:
     run = check_run(cfg, resume)
     d = Distiller(cfg)  # checks teacher, student and data before anything is written
     if not resume:
-        run.mkdir(parents=True, exist_ok=True)
-        (run / "config.json").write_text(json.dumps(_settings(cfg), indent=1))
+        with writing(run / "config.json"):
+            convert.checkpoint.write_atomic(run / "config.json", json.dumps(_settings(cfg), indent=1).encode())
     state = d.init_state()
     manager = ocp.CheckpointManager(run.resolve() / "checkpoints", options=ocp.CheckpointManagerOptions(
-        max_to_keep=cfg.keep, save_interval_steps=cfg.checkpoint_every, enable_async_checkpointing=False))
+        max_to_keep=cfg.keep, save_interval_steps=cfg.checkpoint_every, enable_async_checkpointing=False,
+        cleanup_tmp_directories=True))  # a killed run's unfinished checkpoint: never restored, removed here
     if resume and manager.latest_step() is not None:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
         state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(abstract))
@@ -357,10 +361,10 @@ def distill(cfg: Config, resume: bool = False) -> dict:
     unreadable = {path for path, _ in d.skipped}
     if d.skipped:
         print(skipped_line(d.skipped), flush=True)
+    held_out = ", ".join(printable(p.name) for p in d.eval_files if p not in unreadable)
     print(f"teacher {d.teacher} ({cfg.latents} latents) -> student {d.student_config}, parts {d.parts}, "
           f"init {d.init_source}; {len(d.train_files) - len(d.crops.skipped)} training images, held out: "
-          f"{', '.join(p.name for p in d.eval_files if p not in unreadable)}; {d.mesh.devices.size} device(s); "
-          f"from step {start}")
+          f"{held_out}; {d.mesh.devices.size} device(s); from step {start}")
 
     held = d.teacher_targets(d.held_images)
     writer = SummaryWriter(str(run / "tensorboard"))

@@ -56,7 +56,7 @@ def can_start_from(student: TAESDConfig, teacher_config) -> bool:
 def initial_params(student: TAESDConfig, parts, rng, teacher_config=None, teacher_params=None):
     """Random weights, or (given a teacher of the same layout) the teacher's weights pruned to the student's width."""
     if teacher_params is None:
-        params = init_params(student, rng)
+        params = jax.jit(init_params, static_argnums=0)(student, rng)  # one compilation, not one per operation
         return {part: params[part] for part in parts}
     shapes = jax.eval_shape(lambda: init_params(student, rng))
     return {part: prune(teacher_params[part], shapes[part], part, student, teacher_config) for part in parts}
