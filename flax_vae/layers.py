@@ -60,27 +60,16 @@ def _winograd(x, kernel, dtype):
     th, tw = h // 2, w // 2  # output tiles
     k = kernel.astype(jnp.float32)  # written out, not an einsum: XLA's CPU dot over 3 taps is slow
     u = jnp.stack([jnp.stack(_kernel_transform(*r)) for r in _kernel_transform(*k)]).astype(dtype)  # (4, 4, C, F)
-    # Tile (i, j) reads rows 2i-1..2i+2: phase 1 of row pair i-1, both phases of pair i, phase 0 of pair i+1 (zero
-    # past the edges), and likewise for columns. Written as shifts of whole pairs, so that an input split into
-    # bands of rows over devices needs only a one-row exchange with its neighbours (no regathering of the rows).
-    pairs = x.reshape(n, th, 2, tw, 2, c)
-    taps = lambda a, phase: (_shift(a.take(1, phase), phase - 1, 1), a.take(0, phase), a.take(1, phase),
-                             _shift(a.take(0, phase), phase - 1, -1))  # the pair axis is just before the phase
-    cols = jnp.stack(_input_transform(*taps(pairs, 4)))  # (4, N, th, 2, tw, C)
-    v = jnp.stack(_input_transform(*taps(cols, 3)))  # (4, 4, N, th, tw, C)
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))).reshape(n, h + 2, tw + 1, 2, c)
+    # tile (i, j) reads padded rows 2i..2i+3 and columns 2j..2j+3: tap b of a column is phase b % 2 of pair j + b // 2
+    cols = jnp.stack(_input_transform(*(xp[:, :, b // 2:b // 2 + tw, b % 2] for b in range(4))))  # (4, N, H+2, tw, C)
+    cols = cols.reshape(4, n, th + 1, 2, tw, c)
+    v = jnp.stack(_input_transform(*(cols[:, :, a // 2:a // 2 + th, a % 2] for a in range(4))))  # (4, 4, N, th, tw, C)
     m = jnp.einsum("stc,scf->stf", v.reshape(16, n * th * tw, c), u.reshape(16, c, -1))
     m = m.reshape(4, 4, n, th, tw, -1)  # (row tap, column tap, N, th, tw, F)
     rows = _output_transform(*m)  # 2 x (4, N, th, tw, F)
     y = jnp.stack([jnp.stack(_output_transform(*r), axis=3) for r in rows], axis=2)  # (N, th, 2, tw, 2, F)
     return y.reshape(n, h, w, -1)
-
-
-def _shift(a, axis, by):
-    """a moved one place along `axis`, to higher indices (by=1) or lower (by=-1), a zero slice shifted in."""
-    zero = jnp.zeros_like(jax.lax.slice_in_dim(a, 0, 1, axis=axis))
-    if by > 0:
-        return jnp.concatenate([zero, jax.lax.slice_in_dim(a, 0, -1, axis=axis)], axis)
-    return jnp.concatenate([jax.lax.slice_in_dim(a, 1, None, axis=axis), zero], axis)
 
 
 class UpsampleConv(nn.Module):

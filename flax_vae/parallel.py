@@ -182,9 +182,8 @@ class DataParallel:
     def _place_split_rows(self, x, name):
         """The whole batch (the same in every process) as one global array, rows split over the spatial axis.
 
-        Each device's band of rows must be even at the latent resolution: the layers' 2x2 phase splits (Winograd
-        tiles, strided and upsampling convolutions, pixel shuffles) then stay inside it, where an odd band would
-        make XLA regather whole rows."""
+        Each device's band of rows must be even at the latent resolution: the layers' 2x2 phase splits (strided
+        and upsampling convolutions, pixel shuffles) then stay inside it, where odd bands made XLA regather rows."""
         sharding = split_rows_sharding(self.mesh, self.spatial_axis)
         devices, batch = self.mesh.shape[self.spatial_axis], x.shape[0]
         shards = self.mesh.devices.size // devices

@@ -111,9 +111,10 @@ def test_decode_memory_per_device_and_no_full_resolution_gathers(name, side):
     parts = testing.compiled(split.module, vae.params, "decode", shape, split.mesh)
     ratio = parts.memory_analysis().temp_size_in_bytes / whole.memory_analysis().temp_size_in_bytes
     assert ratio <= 1.5 / n, f"{name} {side}px: {ratio * n:.2f}/n of one device's temporaries"
-    # only whole lowest-resolution tensors may be gathered (the attention's keys and values)
-    lowest = (side // vae.factor) ** 2 * max(p.shape[-1] for p in jax.tree.leaves(vae.params))
-    assert all(np.prod(s) <= 1.1 * lowest for s in testing.all_gathers(parts)), testing.all_gathers(parts)
+    # Only lowest-resolution tensors may be gathered: KL's attention keys and values, and on CPU the Winograd
+    # convolutions' four transformed row taps there (flax_vae.layers.Conv3x3; GPUs and TPUs do not use it).
+    lowest = (side // vae.factor + 8) * (side // vae.factor) * max(p.shape[-1] for p in jax.tree.leaves(vae.params))
+    assert all(np.prod(s) <= 4 * lowest for s in testing.all_gathers(parts)), testing.all_gathers(parts)
 
 
 def test_refusals():
