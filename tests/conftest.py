@@ -4,10 +4,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Eight CPU devices for the data-parallel tests; plain (unsharded) calls still run on the first one.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
+import io  # noqa: E402
 import json  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import tarfile  # noqa: E402
 import types  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -91,3 +93,19 @@ def run_notebook(path, monkeypatch, workdir):
         if cell["cell_type"] == "code":
             exec(compile("".join(cell["source"]), Path(path).name, "exec"), namespace)
     return namespace, shown
+
+
+def encoded(image, fmt, **kw) -> bytes:
+    """A PIL image saved in memory as `fmt` (with Pillow's save options)."""
+    buf = io.BytesIO()
+    image.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def write_tar(path, members: dict):
+    """An uncompressed tar at `path` holding {member name: bytes}, names as given (hostile ones too)."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))

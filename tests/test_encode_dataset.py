@@ -4,12 +4,10 @@ in both modes; a rerun redoes exactly the damaged units (kill -9 at random momen
 a NaN and a full disk; two processes on loopback equal one; damaged and tiny files are skipped and reported; bad
 arguments fail at once. Sharded and single-device latents agree to float32 rounding,
 1e-5 (see tests/test_parallel.py)."""
-import io
 import json
 import shutil
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import jax
@@ -24,7 +22,7 @@ from flax_vae.autoencoder import Autoencoder
 from flax_vae.encode_dataset import read_shard, verify
 from flax_vae.images import BUNDLED_PHOTOS
 
-from conftest import run_processes
+from conftest import encoded, run_processes, write_tar
 
 ATOL = 1e-5
 # one image per shard: 23 units, for a NaN or a full disk to stop a run half-way; 8: the CPU devices (conftest)
@@ -47,18 +45,6 @@ def _variants():
     return out
 
 
-def _encoded(image, fmt, **kw):
-    buf = io.BytesIO()
-    image.save(buf, fmt, **kw)
-    return buf.getvalue()
-
-
-def _tar(path, members):
-    with tarfile.open(path, "w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
 
 
 @pytest.fixture(scope="module")
@@ -71,19 +57,19 @@ def inputs(tmp_path_factory):
         fmt, ext = [("JPEG", "jpg"), ("PNG", "png"), ("WEBP", "webp")][i % 3]
         path = root / f"photos/{i % 2}/photo{i:02d}.{ext}"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(_encoded(image, fmt, **({"lossless": True} if fmt == "WEBP" else {})))
+        path.write_bytes(encoded(image, fmt, **({"lossless": True} if fmt == "WEBP" else {})))
     members = {}
     for i, image in enumerate(images[12:]):
-        members[f"{i:06d}.jpg"] = _encoded(image, "JPEG")
+        members[f"{i:06d}.jpg"] = encoded(image, "JPEG")
         members[f"{i:06d}.txt"] = b"a caption"
-    _tar(root / "shard-000000.tar", members)
+    write_tar(root / "shard-000000.tar", members)
     (root / "bad").mkdir()
     (root / "bad/not_an_image.jpg").write_bytes(b"<html>404</html>")
-    jpeg = _encoded(images[0], "JPEG")
+    jpeg = encoded(images[0], "JPEG")
     (root / "bad/truncated.jpg").write_bytes(jpeg[:len(jpeg) // 2])
     (root / "bad/empty.png").write_bytes(b"")
-    (root / "bad/tiny.png").write_bytes(_encoded(images[0].resize((30, 20)), "PNG"))
-    _tar(root / "broken.tar", {"000001.jpg": jpeg, "000002.jpg": jpeg})
+    (root / "bad/tiny.png").write_bytes(encoded(images[0].resize((30, 20)), "PNG"))
+    write_tar(root / "broken.tar", {"000001.jpg": jpeg, "000002.jpg": jpeg})
     second_member_data = 512 + -(-len(jpeg) // 512) * 512 + 512  # after a header, the first member, a header
     (root / "broken.tar").write_bytes((root / "broken.tar").read_bytes()[:second_member_data + len(jpeg) // 2])
     (root / "notes.txt").write_text("not an image: ignored")
@@ -313,7 +299,7 @@ def test_centre_crop_stays_inside_the_image():
                 assert (right - left) / (bottom - top) == pytest.approx(target[1] / target[0])
     # 64 / (64 / 103) = 103.00000000000001: a crop 1 ulp larger than the image, refused by Pillow
     photo = Image.open(BUNDLED_PHOTOS[0]).resize((103, 103))
-    assert dataset.Preprocessing(64).load(_encoded(photo, "PNG"))[0].shape == (64, 64, 3)
+    assert dataset.Preprocessing(64).load(encoded(photo, "PNG"))[0].shape == (64, 64, 3)
 
 
 def test_exif_orientation_and_jpeg_draft():
@@ -322,14 +308,14 @@ def test_exif_orientation_and_jpeg_draft():
     exif[images.EXIF_ORIENTATION] = 6  # stored sideways, shown rotated 90 degrees clockwise
     stored = photo.transpose(Image.Transpose.ROTATE_90)
     pre = dataset.Preprocessing(64, buckets=True, bucket_step=16)
-    upright = pre.load(_encoded(photo, "PNG"))
-    turned = pre.load(_encoded(stored, "PNG", exif=exif))
+    upright = pre.load(encoded(photo, "PNG"))
+    turned = pre.load(encoded(stored, "PNG", exif=exif))
     assert turned[1] == upright[1] == (400, 600)
     np.testing.assert_array_equal(turned[0], upright[0])
     # a 1200x1800 JPEG is decoded at 1/8 scale (150x225; 48x80 is the bucket): close to the full decode
     big = photo.resize((1800, 1200), Image.Resampling.BICUBIC)
-    full = pre.load(_encoded(big, "PNG"))[0].astype(float)
-    draft = pre.load(_encoded(big, "JPEG", quality=95))[0].astype(float)
+    full = pre.load(encoded(big, "PNG"))[0].astype(float)
+    draft = pre.load(encoded(big, "JPEG", quality=95))[0].astype(float)
     assert full.shape == draft.shape == (48, 80, 3)
     assert 10 * np.log10(255 ** 2 / np.mean((full - draft) ** 2)) > 30
 

@@ -5,7 +5,6 @@ symbolic link loops, a pipe named like an image, a folder that cannot be listed,
 member names (never written anywhere), a tar whose header lies about a member's size (never allocated), and
 damaged tars in the middle of the list."""
 import errno
-import io
 import json
 import os
 import struct
@@ -22,14 +21,11 @@ from flax_vae import cli, encode_dataset, images
 from flax_vae.encode_dataset import read_shard, verify
 from flax_vae.images import BUNDLED_PHOTOS
 
+from conftest import encoded, write_tar
+
 LIMIT = "is more than PIL.Image.MAX_IMAGE_PIXELS = 89478485 pixels"
 NON_UTF8 = os.fsdecode(b"caf\xe9.png")  # Latin-1: not UTF-8; Python keeps the byte as a lone surrogate
 
-
-def _encoded(im, fmt, **kw) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, fmt, **kw)
-    return buf.getvalue()
 
 
 def png_bomb(width, height) -> bytes:
@@ -42,25 +38,18 @@ def png_bomb(width, height) -> bytes:
 
 def gif_bomb(width, height) -> bytes:
     """A 4x4 GIF whose logical screen claims width x height pixels."""
-    data = bytearray(_encoded(Image.new("P", (4, 4)), "GIF"))
+    data = bytearray(encoded(Image.new("P", (4, 4)), "GIF"))
     data[6:10] = struct.pack("<HH", width, height)
     return bytes(data)
 
 
 def webp_bomb(width, height) -> bytes:
     """A 4x4 lossless WebP whose VP8L header claims width x height pixels (at most 16384 a side)."""
-    data = bytearray(_encoded(Image.new("RGB", (4, 4)), "WEBP", lossless=True))
+    data = bytearray(encoded(Image.new("RGB", (4, 4)), "WEBP", lossless=True))
     flags = int.from_bytes(data[21:25], "little") & ~0xFFFFFFF  # 14 bits each for width - 1, height - 1
     data[21:25] = (flags | (height - 1) << 14 | (width - 1)).to_bytes(4, "little")
     return bytes(data)
 
-
-def _tar(path, members: dict):
-    with tarfile.open(path, "w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
 
 
 @pytest.fixture(scope="module")
@@ -69,13 +58,13 @@ def hostile(tmp_path_factory):
     -> (inputs, {key: what its skip reason says}, the keys that are encoded)."""
     inputs = tmp_path_factory.mktemp("hostile") / "inputs"
     photos = [Image.open(p).convert("RGB").resize((64, 64)) for p in BUNDLED_PHOTOS]
-    jpeg, png, webp = _encoded(photos[0], "JPEG"), _encoded(photos[1], "PNG"), _encoded(photos[2], "WEBP")
+    jpeg, png, webp = encoded(photos[0], "JPEG"), encoded(photos[1], "PNG"), encoded(photos[2], "WEBP")
     files = {"good/a.jpg": jpeg, "good/b.png": png, "good/c.webp": webp, NON_UTF8: png,
              "bomb.png": png_bomb(100_000, 100_000), "bomb.gif": gif_bomb(65_535, 65_535),
              "bomb.webp": webp_bomb(16_384, 16_384), "truncated.jpg": jpeg[:len(jpeg) // 2],
              "truncated.png": png[:len(png) // 2], "truncated.webp": webp[:len(webp) // 2], "empty.png": b"",
-             "1x1.png": _encoded(Image.new("RGB", (1, 1)), "PNG"),
-             "100000x1.png": _encoded(Image.new("RGB", (100_000, 1)), "PNG"), "locked/hidden.jpg": jpeg}
+             "1x1.png": encoded(Image.new("RGB", (1, 1)), "PNG"),
+             "100000x1.png": encoded(Image.new("RGB", (100_000, 1)), "PNG"), "locked/hidden.jpg": jpeg}
     for name, content in files.items():
         (inputs / name).parent.mkdir(parents=True, exist_ok=True)
         (inputs / name).write_bytes(content)
@@ -84,13 +73,13 @@ def hostile(tmp_path_factory):
     (inputs / "links/loop1.jpg").symlink_to("loop2.jpg")
     (inputs / "links/loop2.jpg").symlink_to("loop1.jpg")
     os.mkfifo(inputs / "pipe.jpg")  # reading it would block forever
-    _tar(inputs / "shard-0.tar", {"0.jpg": jpeg, "1.txt": b"a caption"})
-    _tar(inputs / "shard-1.tar", {"0.png": png, "1.jpg": jpeg, "2.jpg": jpeg})
+    write_tar(inputs / "shard-0.tar", {"0.jpg": jpeg, "1.txt": b"a caption"})
+    write_tar(inputs / "shard-1.tar", {"0.png": png, "1.jpg": jpeg, "2.jpg": jpeg})
     damaged = bytearray((inputs / "shard-1.tar").read_bytes())
     second = 512 + -(-len(png) // 512) * 512  # the second member's header
     damaged[second:second + 100] = b"\x13" * 100
     (inputs / "shard-1.tar").write_bytes(bytes(damaged))
-    _tar(inputs / "shard-2.tar", {"../escape.jpg": jpeg, "/tmp/absolute.jpg": jpeg, "a/../../up.jpg": jpeg})
+    write_tar(inputs / "shard-2.tar", {"../escape.jpg": jpeg, "/tmp/absolute.jpg": jpeg, "a/../../up.jpg": jpeg})
     (inputs / "shard-3.tar").write_bytes(np.random.default_rng(0).bytes(3000))  # not a tar at all
     lie = tarfile.TarInfo("huge.jpg")
     lie.size = 2 ** 40  # a terabyte claimed, 100 bytes there: never allocated
@@ -108,8 +97,8 @@ def hostile(tmp_path_factory):
         "shard-3.tar": "damaged or not a plain (uncompressed) tar file",
         "shard-4.tar": "damaged or not a plain (uncompressed) tar file",
         "shard-4.tar/huge.jpg": f"truncated tar member: 100 of {2 ** 40} bytes"}
-    encoded = {"good/a.jpg", "good/b.png", "good/c.webp", NON_UTF8, "shard-0.tar/0.jpg", "shard-1.tar/0.png"}
-    yield inputs, skipped, encoded
+    good = {"good/a.jpg", "good/b.png", "good/c.webp", NON_UTF8, "shard-0.tar/0.jpg", "shard-1.tar/0.png"}
+    yield inputs, skipped, good
     (inputs / "locked").chmod(0o755)
 
 
@@ -130,7 +119,7 @@ def locked(hostile, monkeypatch):
 
 
 def test_encode_dataset_skips_each_with_its_reason(hostile, locked, tmp_path):
-    inputs, skipped, encoded = hostile
+    inputs, skipped, good = hostile
     encode_dataset.encode_dataset("taesd", inputs, tmp_path / "out", resolution=64, shard_size=4, batch_size=8,
                                   progress=False)
     reasons = {s["key"]: s["reason"] for s in map(json.loads, (tmp_path / "out/skipped.jsonl").read_text().splitlines())}
@@ -139,7 +128,7 @@ def test_encode_dataset_skips_each_with_its_reason(hostile, locked, tmp_path):
         assert reason in reasons[key] and "\n" not in reasons[key], (key, reasons[key])
     keys = [key for p in (tmp_path / "out").glob("latents-*.safetensors") for g in read_shard(p).values()
             for key in g["keys"]]
-    assert sorted(keys) == sorted(encoded)  # each once, the non-UTF-8 name too
+    assert sorted(keys) == sorted(good)  # each once, the non-UTF-8 name too
     assert verify(tmp_path / "out")[1] == []
     # nothing written outside the output, where the tar's member names point or anywhere else
     assert list(inputs.parent.iterdir()) == [inputs] and list(tmp_path.iterdir()) == [tmp_path / "out"]
