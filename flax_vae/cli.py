@@ -340,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=_positive, default=MAX_PIXELS, metavar="N", help="the largest image "
                    "(height x width after cropping to the model's factor) encoded and decoded in one piece: this "
                    "bounds the memory one image takes (about 1 KB per pixel for TAESD, 3.7 KB for the SD 1.5 KL "
-                   "decoder); larger images are tiled, 512:128 unless --tile, with a note saying so "
+                   "decoder); larger images are split over the devices (--devices) or, on one device, tiled "
+                   "(512:128 unless --tile), with a note saying so "
                    f"(default: {MAX_PIXELS} = 2**21, so 1920x1080 stays whole)")
     p.add_argument("--devices", type=_positive, metavar="N", help="split the rows of an image above --max-pixels "
                    "over N devices instead of tiling it: exactly the one-device result, 1/N of its activations on "
